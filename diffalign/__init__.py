@@ -1,0 +1,3 @@
+"""diffalign: align diffusion models with human preferences."""
+
+__version__ = "0.1.0"

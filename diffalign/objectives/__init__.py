@@ -1,0 +1,24 @@
+"""Preference objectives: pure functions of per-sample denoising errors, registered by name."""
+
+from .base import (
+    ObjectiveOutput,
+    PairErrors,
+    available_objectives,
+    build_objective,
+    get_objective_spec,
+    register_objective,
+)
+from .dpo import DPOConfig, dpo_logits, dpo_loss, dpo_metrics
+
+__all__ = [
+    "DPOConfig",
+    "ObjectiveOutput",
+    "PairErrors",
+    "available_objectives",
+    "build_objective",
+    "dpo_logits",
+    "dpo_loss",
+    "dpo_metrics",
+    "get_objective_spec",
+    "register_objective",
+]
