@@ -47,15 +47,16 @@ def pair_timesteps_and_noise(x0_pairs: torch.Tensor, num_train_timesteps: int, *
     n = x0_pairs.shape[0]
     if n % 2:
         raise ValueError(f"a [winners; losers] batch needs an even size, got {n}")
-    device = x0_pairs.device
+    # Draw where the generator lives (a CPU generator keeps runs reproducible across devices), then move.
+    device = generator.device if generator is not None else x0_pairs.device
     if share:
         t = sample_timesteps(n // 2, num_train_timesteps, generator=generator, device=device).repeat(2)
-        half = torch.randn((n // 2, *x0_pairs.shape[1:]), generator=generator, device=device, dtype=x0_pairs.dtype)
+        half = torch.randn((n // 2, *x0_pairs.shape[1:]), generator=generator, device=device)
         noise = half.repeat(2, *([1] * (x0_pairs.ndim - 1)))
     else:
         t = sample_timesteps(n, num_train_timesteps, generator=generator, device=device)
-        noise = torch.randn(x0_pairs.shape, generator=generator, device=device, dtype=x0_pairs.dtype)
-    return t, noise
+        noise = torch.randn(x0_pairs.shape, generator=generator, device=device)
+    return t.to(x0_pairs.device), noise.to(device=x0_pairs.device, dtype=x0_pairs.dtype)
 
 
 def _alphas_cumprod(scheduler, t: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -1,0 +1,28 @@
+"""Models: loading SD-family components, text conditioning, denoiser wrappers, references, LoRA."""
+
+from .denoiser import (
+    AdapterDisabledReference,
+    FrozenCopyReference,
+    UNetCondition,
+    UNetDenoiser,
+    adapters_disabled,
+)
+from .loading import DEFAULT_IDS, Components, ModelNotFoundError, load_components, set_attention_backend
+from .lora import LORA_WEIGHT_NAME, add_lora, load_lora_into, save_lora
+
+__all__ = [
+    "DEFAULT_IDS",
+    "LORA_WEIGHT_NAME",
+    "AdapterDisabledReference",
+    "Components",
+    "FrozenCopyReference",
+    "ModelNotFoundError",
+    "UNetCondition",
+    "UNetDenoiser",
+    "adapters_disabled",
+    "add_lora",
+    "load_components",
+    "load_lora_into",
+    "save_lora",
+    "set_attention_backend",
+]

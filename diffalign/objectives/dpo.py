@@ -86,7 +86,7 @@ class DPOConfig:
 
     def __post_init__(self):
         if not self.beta > 0:
-            raise ValueError(f"objective.beta must be > 0, got {self.beta}")
+            raise ValueError(f"beta: must be > 0, got {self.beta}")
 
 
 @register_objective("dpo", DPOConfig, needs_reference=True)

@@ -1,0 +1,42 @@
+"""``diffalign train CONFIG.yaml [key=value ...] [--resume | --overwrite]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..data import DatasetFormatError
+from ..models import ModelNotFoundError
+from .config import ConfigError, load_config
+
+EPILOG = """examples:
+  diffalign train configs/sd15_dpo.yaml
+  diffalign train configs/sd15_dpo.yaml objective.beta=2000 optimizer.learning_rate=1e-5 max_steps=500
+  diffalign train configs/sd15_dpo.yaml --resume            # continue the run in output_dir
+  accelerate launch -m diffalign.cli train configs/sdxl_dpo.yaml   # many GPUs
+"""
+
+USER_ERRORS = (ConfigError, ModelNotFoundError, DatasetFormatError, ImportError, FileNotFoundError)
+
+
+def main(argv: list[str]) -> int:
+    from .trainer import PreferenceTrainer, RunExistsError
+
+    parser = argparse.ArgumentParser(prog="diffalign train", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. objective.beta=2000")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("--overwrite", action="store_true", help="discard checkpoints already in output_dir")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        trainer = PreferenceTrainer(cfg).setup(resume=args.resume, overwrite=args.overwrite)
+    except (*USER_ERRORS, RunExistsError) as err:
+        kind = "config error" if isinstance(err, ConfigError) else "error"
+        print(f"diffalign: {kind}: {err}", file=sys.stderr)
+        return 2
+    summary = trainer.train()
+    trainer.cleanup()
+    print(f"diffalign: done, {summary['steps']} steps; adapter/weights in {cfg.output_dir}")
+    return 0

@@ -1,0 +1,438 @@
+"""The preference-training recipe: one class with ``setup()``, ``train()`` and ``cleanup()``.
+
+Each optimizer step: decode a batch of B pairs (or take their VAE latents from the cache), encode the prompts,
+draw (t, ε) shared by winner and loser, run the policy U-Net **once** on the ``[winners; losers]`` batch (2B) with
+gradients and the reference **once** without, hand the per-sample errors to the configured objective, step.
+Runs on ``accelerate``: ``accelerate launch -m diffalign.cli train cfg.yaml`` shards the data over processes.
+
+The recipe holds no objective math; it only asks the objective whether it needs a reference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data import EmbeddingCache, PairTransform, PreferencePairs, ResumableSampler, cache_key, collate_pairs
+from ..likelihood import pair_timesteps_and_noise, preference_errors
+from ..models import (
+    AdapterDisabledReference,
+    Components,
+    FrozenCopyReference,
+    UNetCondition,
+    UNetDenoiser,
+    add_lora,
+    load_components,
+    save_lora,
+    set_attention_backend,
+)
+from ..models.text import build_condition, encode_prompts, sdxl_time_ids
+from ..objectives import build_objective
+from . import checkpoint as ckpt
+from .config import TrainConfig, dump_config
+
+
+class RunExistsError(RuntimeError):
+    """The output directory holds another run's checkpoints."""
+
+
+class PreferenceTrainer:
+    """Diffusion preference fine-tuning (Diffusion-DPO and every registered objective).
+
+    >>> trainer = PreferenceTrainer(load_config("configs/sd15_dpo.yaml"))  # doctest: +SKIP
+    >>> trainer.setup(); trainer.train(); trainer.cleanup()                 # doctest: +SKIP
+    """
+
+    def __init__(self, config: TrainConfig, components: Components | None = None):
+        self.config = config
+        self.components = components
+        self.output_dir = Path(config.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.step = 0
+        self.epoch = 0
+        self.position = 0  # indices of the current epoch already consumed by this process
+        self.num_skipped = 0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, resume: bool = False, overwrite: bool = False) -> "PreferenceTrainer":
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        cfg = self.config
+        existing = ckpt.list_checkpoints(self.checkpoint_dir)
+        if existing and not resume and not overwrite:
+            raise RunExistsError(
+                f"{self.output_dir} already holds checkpoints of a run ({existing[-1].name}); "
+                "pass --resume to continue it or --overwrite to start over"
+            )
+        if overwrite and not resume and self.output_dir.exists():
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+            (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        self.accelerator = acc = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            log_with=cfg.report_to,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir),
+                                                logging_dir=str(self.output_dir / "logs")),
+        )
+        set_seed(cfg.seed)
+        self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+
+        m = cfg.model
+        if self.components is None:
+            self.components = load_components(
+                m.pretrained, family=m.family, revision=m.revision, variant=m.variant, vae=m.vae,
+                prediction_type=m.prediction_type,
+            )
+        c = self.components
+        if m.prediction_type is not None:
+            c.noise_scheduler.register_to_config(prediction_type=m.prediction_type)
+        # The VAE stays fp32 (fp16 SD/SDXL VAEs overflow to NaN); text encoders run in the mixed-precision dtype.
+        for frozen in (c.vae, *c.text_encoders()):
+            frozen.requires_grad_(False).eval().to(acc.device)
+            if frozen is not c.vae and self.weight_dtype != torch.float32:
+                frozen.to(dtype=self.weight_dtype)
+        unet = c.unet
+        set_attention_backend(unet, m.attention)
+        if m.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+
+        self.objective, spec = build_objective(cfg.objective.name, cfg.objective.params)
+        self.reference = None
+        if m.lora is not None:
+            unet.requires_grad_(False).to(acc.device)
+            if self.weight_dtype != torch.float32:
+                unet.to(dtype=self.weight_dtype)
+            add_lora(unet, m.lora.rank, m.lora.alpha, m.lora.target_modules, m.lora.dropout, m.lora.init)
+            if spec.needs_reference:
+                self.reference = AdapterDisabledReference(unet)
+        else:
+            unet.requires_grad_(True).to(acc.device)
+            if spec.needs_reference:
+                self.reference = FrozenCopyReference(unet, dtype=self.weight_dtype)
+        unet.train()
+        params = [p for p in unet.parameters() if p.requires_grad]
+        self.optimizer = self._make_optimizer(params)
+        self.unet, self.optimizer = acc.prepare(unet, self.optimizer)
+        if isinstance(self.reference, AdapterDisabledReference):
+            self.reference = AdapterDisabledReference(self.unet)
+        self.policy = UNetDenoiser(self.unet)
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(
+            cfg.optimizer.lr_scheduler, self.optimizer,
+            num_warmup_steps=cfg.optimizer.warmup_steps, num_training_steps=cfg.max_steps,
+        )
+
+        d = cfg.dataset
+        transform = PairTransform(d.resolution, d.center_crop, d.random_flip)
+        self.dataset = PreferencePairs(
+            d.source, split=d.split, transform=transform, keep_ties=d.keep_ties, max_samples=d.max_samples,
+            seed=cfg.seed, caption_column=d.caption_column,
+        )
+        self.cache = None
+        if d.cache_dir:
+            key_fields = dict(model=c.source, revision=m.revision, variant=m.variant, vae=m.vae, family=c.family,
+                              resolution=d.resolution, center_crop=d.center_crop, dataset=str(d.source),
+                              split=d.split, keep_ties=d.keep_ties, max_samples=d.max_samples)
+            self.cache = EmbeddingCache(d.cache_dir, cache_key(**key_fields), meta=key_fields)
+            self.dataset.latent_cache = self.cache
+        self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if acc.is_main_process:
+            (self.output_dir / "config.yaml").write_text(dump_config(cfg))
+        if resume:
+            self._resume()
+        if cfg.report_to and acc.is_main_process:
+            acc.init_trackers("diffalign", config=_flat_scalars(cfg.to_dict()))
+        acc.print(
+            f"diffalign: {cfg.objective.name} on {c.source} ({c.family}), {len(self.dataset)} pairs "
+            f"(ties dropped {self.dataset.stats.ties_dropped}, bad labels {self.dataset.stats.bad_labels_dropped}), "
+            f"{'LoRA r=%d' % m.lora.rank if m.lora else 'full fine-tuning'}, "
+            f"{sum(p.numel() for p in params):,} trainable params, device {acc.device}"
+        )
+        return self
+
+    def _make_optimizer(self, params):
+        o = self.config.optimizer
+        kw = dict(lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay,
+                  eps=o.adam_epsilon)
+        if o.use_8bit_adam:
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise ImportError("optimizer.use_8bit_adam needs bitsandbytes: `pip install diffalign[bnb]`") from None
+            return bnb.optim.AdamW8bit(params, **kw)
+        return torch.optim.AdamW(params, **kw)
+
+    # ------------------------------------------------------------------ one step's math
+    def encode_latents(self, batch: dict) -> torch.Tensor:
+        """``[winners; losers]`` VAE latents (2B, C, h, w), ``z = (μ + σ ξ) · scaling_factor``."""
+        c, acc = self.components, self.accelerator
+        b = batch["size"]
+        mean = std = None
+        if batch.get("pixel_rows"):
+            pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(acc.device, torch.float32)  # (2P, 3, R, R)
+            with torch.no_grad():
+                dist = c.vae.encode(pixels).latent_dist
+            p = len(batch["pixel_rows"])
+            m_new = torch.stack([dist.mean[:p], dist.mean[p:]], dim=1)  # (P, 2, C, h, w)
+            s_new = torch.stack([dist.std[:p], dist.std[p:]], dim=1)
+            if self.cache is not None:
+                for j, row in enumerate(batch["pixel_rows"]):
+                    self.cache.put_latents(
+                        int(batch["indices"][row]), bool(batch["flips"][row]), m_new[j], s_new[j],
+                        original_size=batch["original_sizes"][row], crop_top_left=batch["crops_top_left"][row],
+                    )
+            mean = torch.empty((b, *m_new.shape[1:]), device=acc.device)
+            std = torch.empty_like(mean)
+            mean[batch["pixel_rows"]], std[batch["pixel_rows"]] = m_new, s_new
+        if batch.get("latent_rows"):
+            lm, ls = batch["latent_mean"].to(acc.device, torch.float32), batch["latent_std"].to(acc.device, torch.float32)
+            if mean is None:
+                mean, std = torch.empty((b, *lm.shape[1:]), device=acc.device), torch.empty((b, *lm.shape[1:]), device=acc.device)
+            mean[batch["latent_rows"]], std[batch["latent_rows"]] = lm, ls
+        xi = torch.randn(mean.shape, generator=self.generator).to(acc.device)
+        z = (mean + std * xi) * c.vae.config.scaling_factor  # (B, 2, C, h, w)
+        return torch.cat([z[:, 0], z[:, 1]]).to(self.weight_dtype)  # (2B, C, h, w): winners then losers
+
+    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Per-caption text features, from the cache when present."""
+        c, acc = self.components, self.accelerator
+        feats: list[dict | None] = [self.cache.get_text(p) if self.cache else None for p in captions]
+        missing = [i for i, f in enumerate(feats) if f is None]
+        if missing:
+            with torch.no_grad():
+                new = encode_prompts(c, [captions[i] for i in missing], device=acc.device)
+            for j, i in enumerate(missing):
+                feats[i] = {k: v[j] for k, v in new.items()}
+                if self.cache is not None:
+                    self.cache.put_text(captions[i], feats[i])
+        return {k: torch.stack([f[k] for f in feats]).to(acc.device, self.weight_dtype) for k in feats[0]}
+
+    def condition(self, batch: dict) -> UNetCondition:
+        """U-Net condition for the 2B batch: winner and loser share the prompt (and SDXL time ids)."""
+        captions = list(batch["captions"])
+        p_empty = self.config.dataset.proportion_empty_prompts
+        if p_empty > 0:
+            drop = torch.rand(len(captions), generator=self.generator) < p_empty
+            captions = ["" if d else cap for cap, d in zip(captions, drop.tolist())]
+        time_ids = None
+        if self.components.is_sdxl:
+            r = self.config.dataset.resolution
+            time_ids = sdxl_time_ids(batch["original_sizes"], batch["crops_top_left"], (r, r))
+        return build_condition(self.encode_text(captions), time_ids).repeat(2)
+
+    def compute_loss(self, batch: dict):
+        cfg = self.config
+        latents = self.encode_latents(batch)
+        cond = self.condition(batch)
+        t, noise = pair_timesteps_and_noise(
+            latents, self.components.noise_scheduler.config.num_train_timesteps, share=cfg.share_noise,
+            generator=self.generator,
+        )
+        errors = preference_errors(
+            self.policy, self.components.noise_scheduler, latents, cond, reference=self.reference, t=t, noise=noise,
+            weighting=cfg.weighting, snr_gamma=cfg.snr_gamma,
+        )
+        return self.objective(errors)
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict:
+        cfg, acc = self.config, self.accelerator
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not acc.is_local_main_process,
+                   dynamic_ncols=True)
+        window: list[dict] = []
+        start = time.time()
+        while self.step < cfg.max_steps:
+            self.dataset.epoch = self.epoch
+            sampler = ResumableSampler(len(self.dataset), cfg.seed, self.epoch, self.position,
+                                       rank=acc.process_index, world_size=acc.num_processes)
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_pairs,
+                num_workers=cfg.dataset.num_workers,
+            )
+            for batch in loader:
+                self.position += batch["size"] + batch["num_skipped"]
+                self.num_skipped += batch["num_skipped"]
+                if batch["size"] == 0:
+                    continue
+                with acc.accumulate(self.unet):
+                    out = self.compute_loss(batch)
+                    acc.backward(out.loss)
+                    if acc.sync_gradients and cfg.optimizer.max_grad_norm:
+                        acc.clip_grad_norm_(self.unet.parameters(), cfg.optimizer.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                window.append({"loss": out.loss.item(), **out.metrics})
+                if not acc.sync_gradients:
+                    continue
+                self.lr_scheduler.step()
+                self.step += 1
+                bar.update(1)
+                record = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                record.update(step=self.step, lr=self.lr_scheduler.get_last_lr()[0], skipped=self.num_skipped)
+                window = []
+                self.history.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracies', 0):.2f}")
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    self._log(record)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
+                    self.save_checkpoint()
+                if cfg.validation.every and self.step % cfg.validation.every == 0:
+                    self.validate()
+                if self.step >= cfg.max_steps:
+                    break
+            else:
+                self.epoch += 1
+                self.position = 0
+        bar.close()
+        acc.wait_for_everyone()
+        summary = {"steps": self.step, "skipped_samples": self.num_skipped, "seconds": time.time() - start,
+                   "final": self.history[-1] if self.history else {}}
+        if acc.is_main_process:
+            self.save_final()
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            if self.num_skipped:
+                acc.print(f"diffalign: skipped {self.num_skipped} unreadable pairs (see summary.json)")
+        return summary
+
+    def _log(self, record: dict):
+        acc = self.accelerator
+        if self.config.report_to:
+            acc.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
+        if acc.is_main_process:
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ state
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        unet = self.accelerator.unwrap_model(self.unet)
+        return {n: p.detach() for n, p in unet.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self):
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return
+        state = {
+            "step": self.step, "epoch": self.epoch, "position": self.position, "num_skipped": self.num_skipped,
+            "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
+                    "numpy": _numpy_state(), "python": _python_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
+        ckpt.save_checkpoint(self.checkpoint_dir, self.step, self.trainable_state(), state,
+                             self.config.keep_last_checkpoints)
+
+    def _resume(self):
+        path = ckpt.latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            self.accelerator.print(f"diffalign: no complete checkpoint in {self.checkpoint_dir}; starting fresh")
+            return
+        weights, state = ckpt.load_checkpoint(path)
+        params = dict(self.accelerator.unwrap_model(self.unet).named_parameters())
+        missing = set(n for n, p in params.items() if p.requires_grad) - set(weights)
+        if missing or set(weights) - set(params):
+            raise RuntimeError(f"checkpoint {path} does not match the model (e.g. {sorted(missing)[:2]})")
+        with torch.no_grad():
+            for n, w in weights.items():
+                params[n].copy_(w)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.num_skipped = state["num_skipped"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.generator.set_state(rng["generator"])
+        _set_numpy_state(rng["numpy"])
+        _set_python_state(rng["python"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        metrics = self.output_dir / "metrics.jsonl"
+        if metrics.exists() and self.accelerator.is_main_process:  # drop records past the checkpoint
+            keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            metrics.write_text("".join(ln + "\n" for ln in keep))
+        self.accelerator.print(f"diffalign: resumed from {path} (step {self.step}, epoch {self.epoch})")
+
+    def save_final(self):
+        unet = self.accelerator.unwrap_model(self.unet)
+        if self.config.model.lora is not None:
+            save_lora(unet, self.output_dir, sdxl=self.components.is_sdxl)
+        else:
+            unet.save_pretrained(str(self.output_dir / "unet"), safe_serialization=True)
+
+    # ------------------------------------------------------------------ validation images
+    def pipeline(self):
+        """A diffusers pipeline over the current (unwrapped) policy, for validation and demos."""
+        from ..models.tiny import tiny_pipeline
+
+        c = self.components
+        view = Components(c.family, self.accelerator.unwrap_model(self.unet), c.vae, c.text_encoder, c.tokenizer,
+                          c.noise_scheduler, c.text_encoder_2, c.tokenizer_2, c.source)
+        return tiny_pipeline(view)
+
+    def validate(self):
+        from .images import save_grid
+
+        v, acc = self.config.validation, self.accelerator
+        if not acc.is_main_process:
+            return
+        unet = acc.unwrap_model(self.unet)
+        unet.eval()
+        pipe = self.pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        g = torch.Generator().manual_seed(v.seed)
+        r = self.config.dataset.resolution
+        with torch.no_grad(), torch.autocast(acc.device.type, enabled=self.weight_dtype != torch.float32,
+                                             dtype=self.weight_dtype):
+            images = pipe(v.prompts, num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
+                          generator=g, height=r, width=r).images
+        unet.train()
+        out = self.output_dir / "validation" / f"step-{self.step:06d}.png"
+        save_grid(images, out)
+        return out
+
+    def cleanup(self):
+        self.accelerator.end_training()
+
+
+def _numpy_state():
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached}
+
+
+def _set_numpy_state(s):
+    np.random.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached"]))
+
+
+def _python_state():
+    version, internal, gauss = random.getstate()
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def _set_python_state(s):
+    random.setstate((s["version"], tuple(int(x) for x in s["internal"].tolist()), s["gauss"]))
+
+
+def _flat_scalars(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat_scalars(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        elif v is not None:
+            out[key] = str(v)
+    return out
