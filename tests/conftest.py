@@ -1,0 +1,29 @@
+import io
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+from diffalign.testing import base_config, write_pickapic_parquet  # noqa: F401
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_dir(tmp_path_factory):
+    from diffalign.models.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd15", "sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    from diffalign.models.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", "sdxl")
+
+
+@pytest.fixture(scope="session")
+def pickapic_dir(tmp_path_factory):
+    return write_pickapic_parquet(tmp_path_factory.mktemp("data") / "pickapic")
