@@ -15,8 +15,13 @@ def load_pipeline(model: str, lora: str | None = None, device: str | None = None
 
     from .models.loading import ModelNotFoundError
 
+    import diffusers
+    from packaging.version import Version
+
+    # diffusers 0.36 renamed ``torch_dtype`` to ``dtype``; older releases know only the former.
+    key = "dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype"
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype))
+        pipe = DiffusionPipeline.from_pretrained(model, **{key: getattr(torch, dtype)})
     except (OSError, ValueError) as err:
         raise ModelNotFoundError(f"could not load pipeline {model!r}: {str(err).splitlines()[0]}") from None
     if lora:

@@ -9,9 +9,11 @@ from .base import (
     register_objective,
 )
 from .dpo import DPOConfig, dpo_logits, dpo_loss, dpo_metrics
+from .mapo import MaPOConfig, mapo_log_odds, mapo_loss, phi
 
 __all__ = [
     "DPOConfig",
+    "MaPOConfig",
     "ObjectiveOutput",
     "PairErrors",
     "available_objectives",
@@ -20,5 +22,8 @@ __all__ = [
     "dpo_loss",
     "dpo_metrics",
     "get_objective_spec",
+    "mapo_log_odds",
+    "mapo_loss",
+    "phi",
     "register_objective",
 ]

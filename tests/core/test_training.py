@@ -138,3 +138,16 @@ def test_exported_lora_loads_into_diffusers_pipeline(family, tiny_sd15_dir, tiny
         base = pipe.unet(x, tt, **kw).sample
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
     assert (base - ours).abs().max() > 1e-4  # the adapter does change the output
+
+
+def test_v_prediction_model_trains_from_ln2(tmp_path, pickapic_dir):
+    """SD2.1-style v-prediction: the target is v = sqrt(ᾱ) ε - sqrt(1-ᾱ) x0 and step 0 is still ln 2."""
+    from diffalign.models.tiny import save_tiny_pipeline
+
+    model_dir = save_tiny_pipeline(tmp_path / "v", "sd21", prediction_type="v_prediction")
+    tr = make_trainer(model_dir, pickapic_dir, tmp_path / "run", max_steps=2, checkpoint_every=None)
+    assert tr.components.noise_scheduler.config.prediction_type == "v_prediction"
+    tr.train()
+    assert tr.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert tr.history[1]["loss"] != pytest.approx(math.log(2), abs=1e-6)
+    tr.cleanup()
