@@ -114,6 +114,31 @@ def pickapic_winner(label_0, label_1, keep_ties: bool) -> int | None:
     return 0 if l0 > l1 else 1
 
 
+@dataclass
+class DualCaptions:
+    """Per-image captions (z_w, z_l) for DCPO; ``mode`` is ``column``, ``perturb``, ``caption`` or ``hybrid``."""
+
+    mode: str
+    perturber: object | None = None  # CaptionPerturber
+    captioner: object | None = None  # callable(list[PIL]) -> list[str]
+
+    @property
+    def needs_images(self) -> bool:
+        return self.captioner is not None
+
+    def __call__(self, pairs: "PreferencePairs", index: int, images, rng: random.Random) -> tuple[str, str]:
+        c = pairs.caption(index)
+        if self.mode == "perturb":
+            return c, self.perturber(c, rng)
+        if self.captioner is not None:
+            z_w, z_l = self.captioner(list(images))
+        else:
+            z_w, z_l = pairs.image_captions(index)
+        if self.mode == "hybrid":
+            z_l = self.perturber(z_l, rng)
+        return z_w, z_l
+
+
 class PreferencePairs(torch.utils.data.Dataset):
     """Map-style dataset of preference pairs.
 
@@ -175,6 +200,7 @@ class PreferencePairs(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.latent_cache = None  # an EmbeddingCache: cached items skip decoding (set by the trainer)
+        self.dual_captions: DualCaptions | None = None  # DCPO: per-image captions (set by the trainer)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -184,6 +210,19 @@ class PreferencePairs(torch.utils.data.Dataset):
         if isinstance(value, (bytes, bytearray)):
             value = value.decode("utf-8", errors="replace")
         return "" if value is None else str(value)
+
+    def image_captions(self, index: int) -> tuple[str, str]:
+        """(z_w, z_l) from ``caption_chosen``/``caption_rejected`` or per-image ``caption_0``/``caption_1`` columns."""
+        row = self.ds[index]
+        if "caption_chosen" in row and "caption_rejected" in row:
+            return str(row["caption_chosen"]), str(row["caption_rejected"])
+        if "caption_0" in row and "caption_1" in row and self.kind == "pickapic":
+            w = self.winner[index]
+            return str(row[f"caption_{w}"]), str(row[f"caption_{1 - w}"])
+        raise DatasetFormatError(
+            "per-image captions need `caption_chosen`/`caption_rejected` (or Pick-a-Pic `caption_0`/`caption_1`) "
+            f"columns; this dataset has {sorted(self.ds.column_names)}"
+        )
 
     def rng(self, index: int) -> random.Random:
         return random.Random(hash((self.seed, self.epoch, index)) & 0xFFFFFFFF)
@@ -196,15 +235,17 @@ class PreferencePairs(torch.utils.data.Dataset):
         return row[f"jpg_{w}"], row[f"jpg_{1 - w}"]
 
     def __getitem__(self, index: int):
-        if self.latent_cache is not None:
+        dual = self.dual_captions
+        if self.latent_cache is not None and not (dual and dual.needs_images):
             flip = self.transform.decide_flip(self.rng(index))
             entry = self.latent_cache.get_latents(index, flip)
             if entry is not None:
-                return {
+                item = {
                     "latent_mean": entry["mean"], "latent_std": entry["std"], "caption": self.caption(index),
                     "index": index, "original_size": tuple(entry["original_size"].tolist()),
                     "crop_top_left": tuple(entry["crop_top_left"].tolist()), "flip": flip,
                 }
+                return self._add_dual_captions(item, index, None)
         try:
             raw_w, raw_l = self.raw_images(index)
             img_w = decode_image(raw_w, self.base_dir)
@@ -212,10 +253,17 @@ class PreferencePairs(torch.utils.data.Dataset):
         except UnreadableImage:
             return None
         pixels_w, pixels_l, original, crop, flip = self.transform(img_w, img_l, self.rng(index))
-        return {
+        item = {
             "pixels_w": pixels_w, "pixels_l": pixels_l, "caption": self.caption(index), "index": index,
             "original_size": original, "crop_top_left": crop, "flip": flip,
         }
+        return self._add_dual_captions(item, index, (img_w, img_l))
+
+    def _add_dual_captions(self, item: dict, index: int, images) -> dict:
+        if self.dual_captions is not None:
+            rng = random.Random(hash(("caption", self.seed, self.epoch, index)) & 0xFFFFFFFF)
+            item["caption"], item["caption_l"] = self.dual_captions(self, index, images, rng)
+        return item
 
 
 def collate_pairs(items: list) -> dict:
@@ -238,6 +286,8 @@ def collate_pairs(items: list) -> dict:
         batch["latent_mean"] = torch.stack([good[i]["latent_mean"] for i in lat])  # (Q, 2, C, h, w)
         batch["latent_std"] = torch.stack([good[i]["latent_std"] for i in lat])
     batch["captions"] = [x["caption"] for x in good]
+    if "caption_l" in good[0]:
+        batch["captions_l"] = [x["caption_l"] for x in good]  # DCPO: the losers' own captions
     batch["indices"] = torch.tensor([x["index"] for x in good])
     batch["original_sizes"] = torch.tensor([x["original_size"] for x in good])  # (B, 2) (h, w)
     batch["crops_top_left"] = torch.tensor([x["crop_top_left"] for x in good])  # (B, 2) (top, left)

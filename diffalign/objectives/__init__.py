@@ -9,9 +9,11 @@ from .base import (
     register_objective,
 )
 from .dpo import DPOConfig, dpo_logits, dpo_loss, dpo_metrics
+from .dcpo import DCPOConfig
 from .mapo import MaPOConfig, mapo_log_odds, mapo_loss, phi
 
 __all__ = [
+    "DCPOConfig",
     "DPOConfig",
     "MaPOConfig",
     "ObjectiveOutput",

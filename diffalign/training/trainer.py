@@ -107,6 +107,7 @@ class PreferenceTrainer:
             unet.enable_gradient_checkpointing()
 
         self.objective, spec = build_objective(cfg.objective.name, cfg.objective.params)
+        self.noise_provider = spec.noise_provider(cfg.objective.params) if spec.noise_provider else None
         self.reference = None
         if m.lora is not None:
             unet.requires_grad_(False).to(acc.device)
@@ -139,6 +140,8 @@ class PreferenceTrainer:
             d.source, split=d.split, transform=transform, keep_ties=d.keep_ties, max_samples=d.max_samples,
             seed=cfg.seed, caption_column=d.caption_column,
         )
+        if spec.dual_captions:
+            self.dataset.dual_captions = self._dual_captions(cfg.objective.params)
         self.cache = None
         if d.cache_dir:
             key_fields = dict(model=c.source, revision=m.revision, variant=m.variant, vae=m.vae, family=c.family,
@@ -162,6 +165,17 @@ class PreferenceTrainer:
             f"{sum(p.numel() for p in params):,} trainable params, device {acc.device}"
         )
         return self
+
+    def _dual_captions(self, params):
+        from ..data.captions import CaptionPerturber, caption_vocabulary, load_captioner
+        from ..data.pairs import DualCaptions
+
+        vocab = caption_vocabulary(self.dataset.caption(i) for i in range(min(len(self.dataset), 2000)))
+        perturber = CaptionPerturber(params.perturbation, vocab)
+        captioner = load_captioner(params.captioner) if params.captioner else None
+        if params.loser_caption in ("column", "hybrid") and captioner is None:
+            self.dataset.image_captions(0)  # fail at setup, not mid-run, when the columns are missing
+        return DualCaptions(params.loser_caption, perturber, captioner)
 
     def _make_optimizer(self, params):
         o = self.config.optimizer
@@ -221,26 +235,35 @@ class PreferenceTrainer:
         return {k: torch.stack([f[k] for f in feats]).to(acc.device, self.weight_dtype) for k in feats[0]}
 
     def condition(self, batch: dict) -> UNetCondition:
-        """U-Net condition for the 2B batch: winner and loser share the prompt (and SDXL time ids)."""
+        """U-Net condition for the 2B batch: winner and loser share the prompt (and SDXL time ids), unless the
+        batch carries the losers' own captions (DCPO), then it is ``[c(z_w); c(z_l)]``."""
         captions = list(batch["captions"])
+        losers = list(batch["captions_l"]) if "captions_l" in batch else None
         p_empty = self.config.dataset.proportion_empty_prompts
         if p_empty > 0:
-            drop = torch.rand(len(captions), generator=self.generator) < p_empty
-            captions = ["" if d else cap for cap, d in zip(captions, drop.tolist())]
+            drop = (torch.rand(len(captions), generator=self.generator) < p_empty).tolist()
+            captions = ["" if d else cap for cap, d in zip(captions, drop)]
+            losers = losers and ["" if d else cap for cap, d in zip(losers, drop)]
         time_ids = None
         if self.components.is_sdxl:
             r = self.config.dataset.resolution
             time_ids = sdxl_time_ids(batch["original_sizes"], batch["crops_top_left"], (r, r))
-        return build_condition(self.encode_text(captions), time_ids).repeat(2)
+        if losers is None:
+            return build_condition(self.encode_text(captions), time_ids).repeat(2)
+        return UNetCondition.cat(build_condition(self.encode_text(captions), time_ids),
+                                 build_condition(self.encode_text(losers), time_ids))
 
     def compute_loss(self, batch: dict):
         cfg = self.config
         latents = self.encode_latents(batch)
         cond = self.condition(batch)
-        t, noise = pair_timesteps_and_noise(
-            latents, self.components.noise_scheduler.config.num_train_timesteps, share=cfg.share_noise,
-            generator=self.generator,
-        )
+        if self.noise_provider is not None:  # e.g. InPO: noise implied by DDIM inversion of the latents
+            t, noise = self.noise_provider(self.policy, self.components.noise_scheduler, latents, cond, self.generator)
+        else:
+            t, noise = pair_timesteps_and_noise(
+                latents, self.components.noise_scheduler.config.num_train_timesteps, share=cfg.share_noise,
+                generator=self.generator,
+            )
         errors = preference_errors(
             self.policy, self.components.noise_scheduler, latents, cond, reference=self.reference, t=t, noise=noise,
             weighting=cfg.weighting, snr_gamma=cfg.snr_gamma,
