@@ -10,11 +10,13 @@ from .base import (
 )
 from .dpo import DPOConfig, dpo_logits, dpo_loss, dpo_metrics
 from .dcpo import DCPOConfig
+from .inpo import InPOConfig
 from .mapo import MaPOConfig, mapo_log_odds, mapo_loss, phi
 
 __all__ = [
     "DCPOConfig",
     "DPOConfig",
+    "InPOConfig",
     "MaPOConfig",
     "ObjectiveOutput",
     "PairErrors",

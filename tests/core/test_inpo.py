@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+from diffalign.inversion import ddim_invert, ddim_inversion_step, implied_noise, inversion_levels
+from diffalign.testing import base_config
+from diffalign.training.config import parse_config
+from diffalign.training.trainer import PreferenceTrainer
+
+SD_SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                set_alpha_to_one=False, clip_sample=False)
+
+
+def test_levels_and_step_counts_match_the_note():
+    starts, stride = inversion_levels()
+    assert starts == [-99, 1, 101, 201, 301, 401, 501, 601, 701, 801] and stride == 100
+    n = lambda t: sum(k < t for k in starts)  # noqa: E731
+    assert [n(0), n(1), n(2), n(101), n(102), n(999)] == [1, 1, 2, 2, 3, 10]
+    assert np.mean([n(t) for t in range(1000)]) == pytest.approx(6.382)
+    calls = []
+    t = torch.tensor([0, 1, 2, 101, 102, 901, 902, 999])
+    _, level = ddim_invert(lambda x, tt, c: calls.append(1) or torch.zeros_like(x), DDIMScheduler(**SD_SCHED),
+                           torch.zeros(8, 1, 2, 2), None, t, eta=0.0)
+    assert level.tolist() == [1, 1, 101, 101, 201, 901, 901, 901]
+    assert len(calls) == 10  # the batch's largest n(t): one batched call per step
+
+
+def test_one_step_equals_diffusers_inverse_scheduler():
+    inv = DDIMInverseScheduler(**SD_SCHED)
+    inv.set_timesteps(10)
+    x, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    ac = inv.alphas_cumprod
+    for k in (-99, 1, 401):
+        n = k + 100
+        ours = ddim_inversion_step(eps, x, ac[max(k, 0)], ac[n])
+        theirs = inv.step(eps, n, x).prev_sample  # current diffusers: step(ε, t) maps t-100 -> t
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_back_solved_noise_reproduces_the_inverted_latent():
+    s = DDIMScheduler(**SD_SCHED)
+    x0 = torch.randn(4, 4, 8, 8)
+    t = torch.tensor([5, 300, 777, 999])
+    x_inv, _ = ddim_invert(lambda x, tt, c: 0.3 * x, s, x0, None, t, eta=0.1,
+                           generator=torch.Generator().manual_seed(0))
+    eps = implied_noise(s, x0, x_inv, t)
+    abar = s.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, x_inv, atol=1e-5, rtol=1e-5)
+
+
+def test_inpo_step_calls(tiny_sd15_dir, pickapic_dir, tmp_path):
+    cfg = parse_config(base_config(tiny_sd15_dir, pickapic_dir, tmp_path / "run", max_steps=1,
+                                   checkpoint_every=None, objective={"name": "inpo", "beta": 2000}))
+    tr = PreferenceTrainer(cfg).setup()
+    calls = []
+    tr.accelerator.unwrap_model(tr.unet).register_forward_pre_hook(
+        lambda m, a: calls.append((torch.is_grad_enabled(), a[1].tolist())))
+    tr.train()
+    grads = [g for g, _ in calls]
+    assert grads[-2:] == [True, False] and not any(grads[:-2])  # inversion (no grad), policy, reference
+    assert 1 <= len(calls) - 2 <= 10
+    t_policy = calls[-2][1]
+    assert t_policy[:2] == t_policy[2:]  # winner and loser share t
+    tr.cleanup()
