@@ -11,6 +11,7 @@ from .base import (
 from .dpo import DPOConfig, dpo_logits, dpo_loss, dpo_metrics
 from .dcpo import DCPOConfig
 from .inpo import InPOConfig
+from .seppo import SePPOConfig, aaf_sign, seppo_loss
 from .mapo import MaPOConfig, mapo_log_odds, mapo_loss, phi
 
 __all__ = [
@@ -20,6 +21,9 @@ __all__ = [
     "MaPOConfig",
     "ObjectiveOutput",
     "PairErrors",
+    "SePPOConfig",
+    "aaf_sign",
+    "seppo_loss",
     "available_objectives",
     "build_objective",
     "dpo_logits",

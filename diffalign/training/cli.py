@@ -20,7 +20,7 @@ USER_ERRORS = (ConfigError, ModelNotFoundError, DatasetFormatError, ImportError,
 
 
 def main(argv: list[str]) -> int:
-    from .trainer import PreferenceTrainer, RunExistsError
+    from .trainer import RunExistsError, trainer_class
 
     parser = argparse.ArgumentParser(prog="diffalign train", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        trainer = PreferenceTrainer(cfg).setup(resume=args.resume, overwrite=args.overwrite)
+        trainer = trainer_class(cfg)(cfg).setup(resume=args.resume, overwrite=args.overwrite)
     except (*USER_ERRORS, RunExistsError) as err:
         kind = "config error" if isinstance(err, ConfigError) else "error"
         print(f"diffalign: {kind}: {err}", file=sys.stderr)

@@ -302,6 +302,7 @@ class PreferenceTrainer:
                     continue
                 self.lr_scheduler.step()
                 self.step += 1
+                self.after_step()
                 bar.update(1)
                 record = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
                 record.update(step=self.step, lr=self.lr_scheduler.get_last_lr()[0], skipped=self.num_skipped)
@@ -338,6 +339,17 @@ class PreferenceTrainer:
             with open(self.output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    # ------------------------------------------------------------------ hooks for recipes that extend the loop
+    def after_step(self):
+        """Called after every optimizer step (e.g. SePPO adds a reference snapshot)."""
+
+    def checkpoint_extras(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Extra tensors (saved in the safetensors file) and plain state a recipe needs on resume."""
+        return {}, {}
+
+    def restore_extras(self, tensors: dict[str, torch.Tensor], meta: dict):
+        pass
+
     # ------------------------------------------------------------------ state
     def trainable_state(self) -> dict[str, torch.Tensor]:
         unet = self.accelerator.unwrap_model(self.unet)
@@ -355,15 +367,19 @@ class PreferenceTrainer:
                     "numpy": _numpy_state(), "python": _python_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }
-        ckpt.save_checkpoint(self.checkpoint_dir, self.step, self.trainable_state(), state,
-                             self.config.keep_last_checkpoints)
+        extra_tensors, extra_meta = self.checkpoint_extras()
+        state["extras"] = extra_meta
+        weights = {**{f"trainable.{k}": v for k, v in self.trainable_state().items()}, **extra_tensors}
+        ckpt.save_checkpoint(self.checkpoint_dir, self.step, weights, state, self.config.keep_last_checkpoints)
 
     def _resume(self):
         path = ckpt.latest_checkpoint(self.checkpoint_dir)
         if path is None:
             self.accelerator.print(f"diffalign: no complete checkpoint in {self.checkpoint_dir}; starting fresh")
             return
-        weights, state = ckpt.load_checkpoint(path)
+        saved, state = ckpt.load_checkpoint(path)
+        weights = {k[len("trainable."):]: v for k, v in saved.items() if k.startswith("trainable.")}
+        self.restore_extras({k: v for k, v in saved.items() if not k.startswith("trainable.")}, state["extras"])
         params = dict(self.accelerator.unwrap_model(self.unet).named_parameters())
         missing = set(n for n, p in params.items() if p.requires_grad) - set(weights)
         if missing or set(weights) - set(params):
@@ -428,6 +444,19 @@ class PreferenceTrainer:
 
     def cleanup(self):
         self.accelerator.end_training()
+
+
+def trainer_class(config: TrainConfig) -> type[PreferenceTrainer]:
+    """The recipe an objective asks for (``recipe`` at registration), else :class:`PreferenceTrainer`."""
+    from importlib import import_module
+
+    from ..objectives import get_objective_spec
+
+    recipe = get_objective_spec(config.objective.name).recipe
+    if recipe is None:
+        return PreferenceTrainer
+    module, name = recipe.split(":")
+    return getattr(import_module(module), name)
 
 
 def _numpy_state():

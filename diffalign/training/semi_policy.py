@@ -1,0 +1,103 @@
+"""The SePPO recipe: winners from the data, losers sampled on-policy by a reference checkpoint from a pool.
+
+Per step: draw a reference snapshot from the pool (``uniform`` / ``initial`` / ``latest``), sample x_r for the
+batch prompts with it (no grad, DDIM + CFG), then one policy call on ``[x_w; x_r]`` and one no-grad call of the
+snapshot on the same inputs; the SePPO objective applies the anchor-based flipper. A snapshot of the trainable
+weights joins the pool every ``snapshot_every`` steps (the initial one is always kept, then the latest K-1); the
+pool is saved in every checkpoint, so ``--resume`` continues with the same references. LoRA only: a snapshot is
+the adapter weights (kB-MB), and the reference call swaps them in and back out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..likelihood import pair_timesteps_and_noise, preference_errors
+from ..models.denoiser import UNetDenoiser
+from ..models.text import build_condition, sdxl_time_ids
+from ..sampling import sample_latents
+from .trainer import PreferenceTrainer
+
+
+class SnapshotReference(UNetDenoiser):
+    """The policy U-Net evaluated with its trainable weights replaced by ``self.state``, through
+    ``torch.func.functional_call``: the module's own parameters are never touched, so the policy's autograd graph
+    stays valid."""
+
+    def __init__(self, unet):
+        super().__init__(unet)
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def __call__(self, x_t, t, cond):
+        from torch.func import functional_call
+
+        kwargs = {"encoder_hidden_states": cond.encoder_hidden_states, "return_dict": False, **cond.extra}
+        if cond.added_cond_kwargs is not None:
+            kwargs["added_cond_kwargs"] = cond.added_cond_kwargs
+        with torch.no_grad():
+            return functional_call(self.unet, self.state, (x_t, t), kwargs)[0]
+
+
+class SemiPolicyTrainer(PreferenceTrainer):
+    def setup(self, resume: bool = False, overwrite: bool = False):
+        if self.config.model.lora is None:
+            from .config import ConfigError
+
+            raise ConfigError("model.lora: SePPO keeps a pool of reference checkpoints and needs LoRA (set model.lora)")
+        self.pool: list[tuple[int, dict[str, torch.Tensor]]] = []
+        super().setup(resume=resume, overwrite=overwrite)
+        self.reference = SnapshotReference(self.accelerator.unwrap_model(self.unet))
+        if not self.pool:
+            self.pool.append((self.step, self._snapshot()))
+        return self
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: v.detach().clone().cpu() for n, v in self.trainable_state().items()}
+
+    def pick_reference(self) -> dict[str, torch.Tensor]:
+        strategy = self.config.objective.params.reference_strategy
+        if strategy == "initial":
+            return self.pool[0][1]
+        if strategy == "latest":
+            return self.pool[-1][1]
+        i = int(torch.randint(len(self.pool), (1,), generator=self.generator))
+        return self.pool[i][1]
+
+    def after_step(self):
+        p = self.config.objective.params
+        if self.step % p.snapshot_every == 0:
+            self.pool.append((self.step, self._snapshot()))
+            if len(self.pool) > p.max_snapshots:
+                del self.pool[1]  # keep the initial checkpoint, drop the oldest of the others
+
+    def compute_loss(self, batch: dict):
+        p, c = self.config.objective.params, self.components
+        b = batch["size"]
+        x_w = self.encode_latents(batch)[:b]  # (B, C, h, w): the data's winners only
+        text = self.encode_text(list(batch["captions"]))
+        empty = self.encode_text([""] * b)
+        time_ids = None
+        if c.is_sdxl:
+            r = self.config.dataset.resolution
+            time_ids = sdxl_time_ids(batch["original_sizes"], batch["crops_top_left"], (r, r))
+        cond, uncond = build_condition(text, time_ids), build_condition(empty, time_ids)
+        self.reference.state = {k: v.to(self.accelerator.device) for k, v in self.pick_reference().items()}
+        x_r = sample_latents(self.reference, c.noise_scheduler.config, cond, uncond, tuple(x_w.shape),
+                             num_inference_steps=p.sampling_steps, guidance_scale=p.guidance_scale,
+                             generator=self.generator, device=x_w.device, dtype=self.weight_dtype)
+        x0 = torch.cat([x_w, x_r.to(x_w.dtype)])  # (2B, ...): [winners; reference samples]
+        t, noise = pair_timesteps_and_noise(x0, c.noise_scheduler.config.num_train_timesteps,
+                                            share=self.config.share_noise, generator=self.generator)
+        errors = preference_errors(self.policy, c.noise_scheduler, x0, cond.repeat(2), reference=self.reference,
+                                   t=t, noise=noise, weighting=self.config.weighting, snr_gamma=self.config.snr_gamma)
+        return self.objective(errors)
+
+    def checkpoint_extras(self):
+        tensors = {f"pool.{i}.{n}": v for i, (_, s) in enumerate(self.pool) for n, v in s.items()}
+        return tensors, {"pool_steps": [step for step, _ in self.pool]}
+
+    def restore_extras(self, tensors, meta):
+        self.pool = []
+        for i, step in enumerate(meta["pool_steps"]):
+            prefix = f"pool.{i}."
+            self.pool.append((step, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}))
