@@ -111,3 +111,16 @@ def test_winner_is_the_labelled_image(pickapic_dir):
         color = Image.open(io.BytesIO(win)).getpixel((0, 0))
         got = ((batch["pixels_w"][j, :, 0, 0] + 1) * 127.5).round().tolist()
         assert got == pytest.approx(list(color), abs=1)
+
+
+def test_every_shipped_config_parses():
+    from pathlib import Path
+
+    from diffalign.training.config import load_config
+
+    configs = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
+    assert len(configs) >= 11
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.max_steps > 0 and cfg.model.pretrained and path.read_text().startswith(
+            f"# diffalign train configs/{path.name}")
