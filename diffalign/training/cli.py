@@ -20,7 +20,7 @@ USER_ERRORS = (ConfigError, ModelNotFoundError, DatasetFormatError, ImportError,
 
 
 def main(argv: list[str]) -> int:
-    from .trainer import RunExistsError, trainer_class
+    from .trainer import NonFiniteError, RunExistsError, trainer_class
 
     parser = argparse.ArgumentParser(prog="diffalign train", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,7 +36,11 @@ def main(argv: list[str]) -> int:
         kind = "config error" if isinstance(err, ConfigError) else "error"
         print(f"diffalign: {kind}: {err}", file=sys.stderr)
         return 2
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    except NonFiniteError as err:
+        print(f"diffalign: error: {err}", file=sys.stderr)
+        return 1
     trainer.cleanup()
     print(f"diffalign: done, {summary['steps']} steps; adapter/weights in {cfg.output_dir}")
     return 0

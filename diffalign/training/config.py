@@ -165,6 +165,7 @@ class TrainConfig:
     checkpoint_every: int | None = 500
     keep_last_checkpoints: int | None = None
     log_every: int = 10
+    max_nonfinite_steps: int = field(default=5, metadata={"help": "Stop after this many NaN/inf steps in a row."})
     report_to: str | None = field(default="tensorboard", metadata={"help": "tensorboard or null."})
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -187,6 +188,7 @@ class TrainConfig:
         _check(self.keep_last_checkpoints is None or self.keep_last_checkpoints > 0, "keep_last_checkpoints",
                f"must be > 0 or null, got {self.keep_last_checkpoints}")
         _check(self.log_every > 0, "log_every", f"must be > 0, got {self.log_every}")
+        _check(self.max_nonfinite_steps > 0, "max_nonfinite_steps", f"must be > 0, got {self.max_nonfinite_steps}")
         _check(self.report_to in (None, "tensorboard"), "report_to",
                f"must be tensorboard or null, got {self.report_to!r}")
 

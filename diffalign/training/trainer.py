@@ -44,6 +44,10 @@ class RunExistsError(RuntimeError):
     """The output directory holds another run's checkpoints."""
 
 
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with NaN/inf loss or gradients."""
+
+
 class PreferenceTrainer:
     """Diffusion preference fine-tuning (Diffusion-DPO and every registered objective).
 
@@ -60,6 +64,8 @@ class PreferenceTrainer:
         self.epoch = 0
         self.position = 0  # indices of the current epoch already consumed by this process
         self.num_skipped = 0
+        self.nonfinite_skipped = 0
+        self.consecutive_nonfinite = 0
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------ setup
@@ -276,6 +282,7 @@ class PreferenceTrainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not acc.is_local_main_process,
                    dynamic_ncols=True)
         window: list[dict] = []
+        bad_window = False
         start = time.time()
         while self.step < cfg.max_steps:
             self.dataset.epoch = self.epoch
@@ -292,20 +299,33 @@ class PreferenceTrainer:
                     continue
                 with acc.accumulate(self.unet):
                     out = self.compute_loss(batch)
-                    acc.backward(out.loss)
-                    if acc.sync_gradients and cfg.optimizer.max_grad_norm:
-                        acc.clip_grad_norm_(self.unet.parameters(), cfg.optimizer.max_grad_norm)
-                    self.optimizer.step()
+                    if torch.isfinite(out.loss):
+                        acc.backward(out.loss)
+                    else:
+                        bad_window = True  # never backpropagate a NaN/inf loss into the accumulated gradients
+                    window.append({"loss": out.loss.item(), **out.metrics})
+                    if not acc.sync_gradients:
+                        continue
+                    # fp16's grad scaler skips overflowing steps itself; elsewhere inf/NaN gradients are a failure
+                    if not bad_window and cfg.mixed_precision != "fp16" and not self._grads_finite():
+                        bad_window = True
+                    if not bad_window:
+                        if cfg.optimizer.max_grad_norm:
+                            acc.clip_grad_norm_(self.unet.parameters(), cfg.optimizer.max_grad_norm)
+                        self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                window.append({"loss": out.loss.item(), **out.metrics})
-                if not acc.sync_gradients:
+                if bad_window:
+                    self._on_nonfinite(window)
+                    window, bad_window = [], False
                     continue
+                self.consecutive_nonfinite = 0
                 self.lr_scheduler.step()
                 self.step += 1
                 self.after_step()
                 bar.update(1)
                 record = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-                record.update(step=self.step, lr=self.lr_scheduler.get_last_lr()[0], skipped=self.num_skipped)
+                record.update(step=self.step, lr=self.lr_scheduler.get_last_lr()[0], skipped=self.num_skipped,
+                              nonfinite_skipped=self.nonfinite_skipped)
                 window = []
                 self.history.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracies', 0):.2f}")
@@ -322,7 +342,8 @@ class PreferenceTrainer:
                 self.position = 0
         bar.close()
         acc.wait_for_everyone()
-        summary = {"steps": self.step, "skipped_samples": self.num_skipped, "seconds": time.time() - start,
+        summary = {"steps": self.step, "skipped_samples": self.num_skipped,
+                   "nonfinite_steps_skipped": self.nonfinite_skipped, "seconds": time.time() - start,
                    "final": self.history[-1] if self.history else {}}
         if acc.is_main_process:
             self.save_final()
@@ -330,6 +351,25 @@ class PreferenceTrainer:
             if self.num_skipped:
                 acc.print(f"diffalign: skipped {self.num_skipped} unreadable pairs (see summary.json)")
         return summary
+
+    def _grads_finite(self) -> bool:
+        grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+    def _on_nonfinite(self, window: list[dict]):
+        """Count a skipped step; after ``max_nonfinite_steps`` in a row, checkpoint the (still good) weights and stop."""
+        self.nonfinite_skipped += 1
+        self.consecutive_nonfinite += 1
+        losses = [w["loss"] for w in window]
+        self.accelerator.print(f"diffalign: non-finite loss or gradients at step {self.step + 1} (losses {losses}); "
+                               f"step skipped ({self.consecutive_nonfinite} in a row)")
+        if self.consecutive_nonfinite >= self.config.max_nonfinite_steps:
+            self.save_checkpoint()
+            raise NonFiniteError(
+                f"{self.consecutive_nonfinite} non-finite steps in a row at step {self.step}; stopped. Last good "
+                f"weights: {self.checkpoint_dir / f'checkpoint-{self.step}'} (lower the learning rate or β, "
+                "use bf16 instead of fp16, or check the data)"
+            )
 
     def _log(self, record: dict):
         acc = self.accelerator
@@ -362,6 +402,7 @@ class PreferenceTrainer:
             return
         state = {
             "step": self.step, "epoch": self.epoch, "position": self.position, "num_skipped": self.num_skipped,
+            "nonfinite_skipped": self.nonfinite_skipped,
             "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
                     "numpy": _numpy_state(), "python": _python_state(),
@@ -391,6 +432,7 @@ class PreferenceTrainer:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.num_skipped = state["num_skipped"]
+        self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         self.generator.set_state(rng["generator"])
