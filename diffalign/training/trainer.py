@@ -442,7 +442,7 @@ class PreferenceTrainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         metrics = self.output_dir / "metrics.jsonl"
         if metrics.exists() and self.accelerator.is_main_process:  # drop records past the checkpoint
-            keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            keep = [ln for ln in metrics.read_text().splitlines() if _record_step(ln) <= self.step]
             metrics.write_text("".join(ln + "\n" for ln in keep))
         self.accelerator.print(f"diffalign: resumed from {path} (step {self.step}, epoch {self.epoch})")
 
@@ -499,6 +499,14 @@ def trainer_class(config: TrainConfig) -> type[PreferenceTrainer]:
         return PreferenceTrainer
     module, name = recipe.split(":")
     return getattr(import_module(module), name)
+
+
+def _record_step(line: str) -> float:
+    """Step of a metrics.jsonl line; a line torn by a crash counts as past the checkpoint (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _numpy_state():
