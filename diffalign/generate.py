@@ -25,6 +25,9 @@ def load_pipeline(model: str, lora: str | None = None, device: str | None = None
     except (OSError, ValueError) as err:
         raise ModelNotFoundError(f"could not load pipeline {model!r}: {str(err).splitlines()[0]}") from None
     if lora:
+        from .models.lora import check_lora_matches
+
+        check_lora_matches(pipe.unet, lora)
         pipe.load_lora_weights(lora)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe.set_progress_bar_config(disable=True)
@@ -69,7 +72,7 @@ def main(argv: list[str]) -> int:
     try:
         pipe = load_pipeline(args.model, args.lora, args.device, args.dtype)
     except (ModelNotFoundError, OSError, ValueError) as err:
-        print(f"diffalign: error: {err}", file=sys.stderr)
+        print(f"diffalign: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

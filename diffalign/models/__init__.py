@@ -8,11 +8,12 @@ from .denoiser import (
     adapters_disabled,
 )
 from .loading import DEFAULT_IDS, Components, ModelNotFoundError, load_components, set_attention_backend
-from .lora import LORA_WEIGHT_NAME, add_lora, load_lora_into, save_lora
+from .lora import LORA_WEIGHT_NAME, LoRAMismatchError, add_lora, check_lora_matches, load_lora_into, save_lora
 
 __all__ = [
     "DEFAULT_IDS",
     "LORA_WEIGHT_NAME",
+    "LoRAMismatchError",
     "AdapterDisabledReference",
     "Components",
     "FrozenCopyReference",
@@ -21,6 +22,7 @@ __all__ = [
     "UNetDenoiser",
     "adapters_disabled",
     "add_lora",
+    "check_lora_matches",
     "load_components",
     "load_lora_into",
     "save_lora",

@@ -82,3 +82,38 @@ def load_lora_into(unet, lora_dir: str | os.PathLike) -> None:
     result = set_peft_model_state_dict(unet, unet_state, adapter_name="default")
     if result.unexpected_keys:
         raise ValueError(f"LoRA file does not match this U-Net: unexpected keys {result.unexpected_keys[:3]} ...")
+
+
+class LoRAMismatchError(ValueError):
+    """A LoRA file whose layers or shapes do not exist in this U-Net (trained for another base model)."""
+
+
+def check_lora_matches(unet, lora_path: str | os.PathLike) -> None:
+    """Raise :class:`LoRAMismatchError` unless every adapted U-Net layer in the file exists in ``unet`` with the
+    right shape. (diffusers only warns about unexpected keys and loads the rest, silently half-applying it.)"""
+    from safetensors import safe_open
+
+    path = Path(lora_path)
+    if path.is_dir():
+        path = path / LORA_WEIGHT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no LoRA file at {str(path)!r}")
+    modules = dict(unet.named_modules())
+    problems, total = [], 0
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            if not key.startswith("unet.") or not any(s in key for s in (".lora.down.", ".lora_A.")):
+                continue
+            total += 1
+            name = key[len("unet."):].split(".lora")[0]
+            shape = f.get_slice(key).get_shape()  # (r, in_features)
+            module = modules.get(name)
+            if module is None:
+                problems.append(f"{name} (no such layer)")
+            elif getattr(module, "in_features", shape[-1]) != shape[-1]:
+                problems.append(f"{name} (in_features {module.in_features}, file has {shape[-1]})")
+    if problems:
+        raise LoRAMismatchError(
+            f"LoRA {str(path)!r} does not match this U-Net: {len(problems)} of {total} adapted layers differ, "
+            f"e.g. {problems[0]}; was it trained for another base model?"
+        )

@@ -1,0 +1,246 @@
+"""Every bad input we know of, fed the way a user would, and what the user sees. The table in
+docs/reliability.md is written by this module (``test_write_table``), not by hand."""
+
+import io
+import json
+import os
+import pickle
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from diffalign.cli import main
+from diffalign.data import DatasetFormatError, PairTransform, PreferencePairs, collate_pairs
+from diffalign.testing import base_config, png_bytes
+from diffalign.training import checkpoint as ckpt
+from diffalign.training.config import ConfigError, parse_config
+
+ROWS: list[tuple[str, str, str]] = []  # (category, input, what the user sees)
+DOC = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
+
+
+def record(category, what, seen):
+    import re
+
+    seen = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/]+/", ".../", seen)
+    ROWS.append((category, what, seen.replace("\n", " ").replace("|", "\\|")))
+
+
+def _png_with_header(width, height):
+    """A valid-looking PNG whose header claims width x height (a decompression-bomb-sized image)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))  # noqa: E731
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+def _mode_bytes(mode, fmt="PNG"):
+    buf = io.BytesIO()
+    Image.new(mode, (20, 16), 128 if mode in ("L", "P", "1") else (10, 200, 30, 255)[: len(mode)]).save(buf, fmt)
+    return buf.getvalue()
+
+
+BAD_IMAGES = {
+    "corrupt bytes": b"\x89PNG garbage" + os.urandom(64),
+    "truncated PNG": png_bytes((255, 0, 0), (64, 64))[:60],
+    "zero-byte file": b"",
+    "huge image (50000x50000 header)": _png_with_header(50000, 50000),
+}
+ODD_IMAGES = {
+    "grayscale (L)": _mode_bytes("L"),
+    "RGBA": _mode_bytes("RGBA"),
+    "CMYK JPEG": _mode_bytes("CMYK", "JPEG"),
+    "palette (P)": _mode_bytes("P"),
+}
+
+
+def manifest_with(tmp_path, loser_bytes: bytes | None, name="bad"):
+    d = tmp_path / name
+    d.mkdir()
+    rows = []
+    for i in range(3):
+        (d / f"{i}_w.png").write_bytes(png_bytes((200, 10 * i, 0)))
+        loser = d / f"{i}_l.png"
+        if i == 1:
+            if loser_bytes is not None:
+                loser.write_bytes(loser_bytes)
+        else:
+            loser.write_bytes(png_bytes((0, 0, 200)))
+        rows.append({"prompt": f"p{i}", "chosen": f"{i}_w.png", "rejected": f"{i}_l.png"})
+    (d / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return d / "m.jsonl"
+
+
+@pytest.mark.parametrize("name", list(BAD_IMAGES) + ["missing file"])
+def test_unreadable_images_are_skipped_and_counted(name, tmp_path):
+    path = manifest_with(tmp_path, None if name == "missing file" else BAD_IMAGES[name])
+    ds = PreferencePairs(str(path), transform=PairTransform(16))
+    batch = collate_pairs([ds[i] for i in range(len(ds))])
+    assert batch["num_skipped"] == 1 and batch["size"] == 2
+    assert [c for c in batch["captions"]] == ["p0", "p2"]  # never trained on the bad pair
+    record("image", name, "pair skipped and counted (`skipped_samples` in summary.json, a line at the end of the run)")
+
+
+@pytest.mark.parametrize("name", list(ODD_IMAGES))
+def test_odd_modes_are_converted_to_rgb(name, tmp_path):
+    path = manifest_with(tmp_path, ODD_IMAGES[name])
+    ds = PreferencePairs(str(path), transform=PairTransform(16))
+    item = ds[1]
+    assert item is not None and item["pixels_l"].shape == (3, 16, 16)
+    record("image", name, "converted to RGB and trained")
+
+
+def pickapic(tmp_path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "pp"
+    d.mkdir(exist_ok=True)
+    cols = {k: [r[k] for r in rows] for k in rows[0]}
+    pq.write_table(pa.table(cols), d / "train.parquet")
+    return d
+
+
+def row(caption="a prompt", l0=1.0, l1=0.0):
+    return {"caption": caption, "jpg_0": png_bytes((255, 0, 0)), "jpg_1": png_bytes((0, 0, 255)),
+            "label_0": l0, "label_1": l1}
+
+
+def test_label_problems_are_dropped_and_counted(tmp_path):
+    ds = PreferencePairs(str(pickapic(tmp_path, [row(), row(l0=0.5, l1=0.5), row(l0=float("nan")),
+                                                 row(l0=3.0, l1=0.0), row(l0=0.0, l1=1.0)])))
+    assert (ds.stats.kept, ds.stats.ties_dropped, ds.stats.bad_labels_dropped) == (2, 1, 2)
+    record("labels", "tie (0.5/0.5)", "dropped and counted (`ties dropped N` at start); `dataset.keep_ties: true` "
+           "keeps them")
+    record("labels", "NaN label", "row dropped and counted (`bad labels N` at start)")
+    record("labels", "label outside [0, 1]", "row dropped and counted (`bad labels N` at start)")
+
+
+def test_text_problems(tmp_path):
+    bad_utf8 = b"caf\xe9 \xff".decode("latin-1")
+    ds = PreferencePairs(str(pickapic(tmp_path, [row(caption=""), row(caption=bad_utf8)])))
+    assert ds.caption(0) == "" and ds.caption(1) == bad_utf8
+    record("text", "empty prompt", "kept: trained as the unconditional prompt (what prompt dropout feeds too)")
+    record("text", "non-UTF-8 bytes in a caption", "decoded (invalid bytes replaced), trained")
+
+
+def test_missing_columns_one_line(tmp_path, capsys):
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps({"text": "a", "image": "b"}))
+    with pytest.raises(DatasetFormatError) as err:
+        PreferencePairs(str(path))
+    assert "expected Pick-a-Pic columns" in str(err.value)
+    record("dataset", "missing columns", f"one line: `{str(err.value).split(str(tmp_path))[-1][:120]}...`")
+
+
+CONFIG_CASES = {
+    "unknown key": (lambda c: c.update(lr=1), "config error: lr: unknown key"),
+    "wrong type": (lambda c: c.update(max_steps="ten"), "config error: max_steps: expected an integer, got 'ten'"),
+    "negative beta": (lambda c: c.update(objective={"name": "dpo", "beta": -1}),
+                      "config error: objective.beta: must be > 0, got -1.0"),
+    "learning rate 0": (lambda c: c["optimizer"].update(learning_rate=0),
+                        "config error: optimizer.learning_rate: must be > 0, got 0.0"),
+    "LoRA rank 0": (lambda c: c["model"]["lora"].update(rank=0), "config error: model.lora.rank: must be >= 1, got 0"),
+    "unknown objective": (lambda c: c.update(objective="dpoo"), "config error: objective.name: unknown objective"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIG_CASES))
+def test_bad_configs_one_line(name, tmp_path, capsys, pickapic_dir):
+    mutate, expected = CONFIG_CASES[name]
+    cfg = base_config(tmp_path / "m", pickapic_dir, tmp_path / "o")
+    mutate(cfg)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1
+    record("config", name, f"exit 2, one line: `{err.replace('diffalign: ', '')}`")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(
+    st.sampled_from(["max_steps", "batch_size", "mixed_precision", "seed", "weighting", "checkpoint_every",
+                     "log_every", "share_noise", "bogus"]),
+    st.one_of(st.integers(-5, 5), st.floats(allow_nan=True), st.text(max_size=5), st.booleans(), st.none()),
+    max_size=4))
+def test_fuzzed_configs_never_crash_with_anything_but_config_error(extra):
+    cfg = base_config("m", "d", "o")
+    cfg.update(extra)
+    try:
+        parse_config(cfg)
+    except ConfigError as err:
+        assert "\n" not in str(err)
+
+
+def test_lora_for_wrong_base_model(tiny_sd15_dir, tiny_sdxl_dir, tmp_path, capsys):
+    from diffalign.models import add_lora, load_components, save_lora
+
+    xl = load_components(tiny_sdxl_dir)
+    add_lora(xl.unet, rank=4, init=False)
+    save_lora(xl.unet, tmp_path / "xl-lora", sdxl=True)
+    code = main(["generate", "--model", tiny_sd15_dir, "--lora", str(tmp_path / "xl-lora"), "--prompt", "x",
+                 "--out", str(tmp_path / "o"), "--steps", "1"])
+    ours = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("diffalign")]  # not progress bars
+    assert code == 2 and len(ours) == 1 and "does not match" in ours[0]
+    err = ours[0].replace("diffalign: ", "").replace(str(tmp_path), "...")
+    record("LoRA", "adapter trained for another base model (SDXL LoRA on SD1.5)", f"exit 2, one line: `{err[:150]}`")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['EVIL_MARK']}",))
+
+
+def test_malicious_pickle_in_checkpoint_never_runs(tmp_path, monkeypatch):
+    mark = tmp_path / "pwned"
+    monkeypatch.setenv("EVIL_MARK", str(mark))
+    state = {"step": 1, "evil": _Evil()}
+    ckpt.save_checkpoint(tmp_path / "ck", 1, {"trainable.w": torch.zeros(2)}, {"step": 1}, None)
+    path = tmp_path / "ck" / "checkpoint-1"
+    with open(path / "state.pt", "wb") as f:
+        pickle.dump(state, f)
+    with pytest.raises(pickle.UnpicklingError):
+        ckpt.load_checkpoint(path)
+    assert not mark.exists()
+    assert not ckpt.is_complete(path)  # the checksum manifest no longer matches: never picked for --resume
+    record("weights", "checkpoint whose state.pt holds a malicious pickle",
+           "refused (`torch.load(weights_only=True)` raises UnpicklingError, nothing runs); its checksum no longer "
+           "matches, so `--resume` skips it")
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    ckpt.save_checkpoint(tmp_path / "ck", 2, {"w": torch.ones(2)}, {"step": 2}, None)
+    (tmp_path / "ck" / "checkpoint-4.partial").mkdir()
+    (tmp_path / "ck" / "checkpoint-6").mkdir()  # no manifest: a copy interrupted by the user
+    assert ckpt.latest_checkpoint(tmp_path / "ck").name == "checkpoint-2"
+    record("checkpoint", "half-written (`.partial`) or manifest-less checkpoint folder",
+           "ignored; `--resume` takes the newest checkpoint whose checksums verify")
+
+
+def test_run_refuses_to_overwrite_another_run(tiny_sd15_dir, pickapic_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    ckpt.save_checkpoint(out / "checkpoints", 5, {"w": torch.ones(1)}, {"step": 5}, None)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(base_config(tiny_sd15_dir, pickapic_dir, out)))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--resume" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    record("disk", "output_dir holds another run's checkpoints", f"exit 2, one line: `{err.split(': ', 2)[-1][:140]}`")
+
+
+def test_write_table():
+    """Runs last in this module: writes the table of everything recorded above (only after a full run)."""
+    if len(ROWS) < 24:
+        pytest.skip("only a subset of the bad-input tests ran; the table is written after a full run")
+    lines = ["# What users see on bad input", "",
+             "Generated by `tests/reliability/test_bad_inputs.py` (do not edit by hand). Every row is a test.", "",
+             "| category | input | what the user sees |", "| --- | --- | --- |"]
+    lines += [f"| {c} | {w} | {s} |" for c, w, s in ROWS]
+    DOC.parent.mkdir(exist_ok=True)
+    DOC.write_text("\n".join(lines) + "\n")
