@@ -37,8 +37,7 @@ def demo_config(out_dir: str | Path, seed: int = 0, **overrides) -> dict:
     return {
         "model": {"pretrained": str(toy_model_path()), "lora": {"rank": o["rank"], "alpha": o["rank"]}},
         "dataset": {"source": str(toy_pairs_path()), "resolution": 32, "random_flip": False},
-        "objective": {"name": o.get("objective", "dpo"), **({"beta": o["beta"]} if o.get("objective", "dpo") == "dpo"
-                                                           else {})},
+        "objective": o.get("objective") or {"name": "dpo", "beta": o["beta"]},
         "output_dir": str(out_dir),
         "max_steps": o["max_steps"],
         "batch_size": o["batch_size"],

@@ -83,6 +83,11 @@ class PreferenceTrainer:
         if overwrite and not resume and self.output_dir.exists():
             shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
             (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        # A process may run several trainers (tests, notebooks, the objectives comparison): accelerate keeps one
+        # global AcceleratorState, so drop it (keeping the distributed PartialState) before configuring a new one.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
         self.accelerator = acc = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,

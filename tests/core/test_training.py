@@ -151,3 +151,29 @@ def test_v_prediction_model_trains_from_ln2(tmp_path, pickapic_dir):
     assert tr.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert tr.history[1]["loss"] != pytest.approx(math.log(2), abs=1e-6)
     tr.cleanup()
+
+
+@pytest.mark.parametrize("options", [
+    {"model.gradient_checkpointing": True},
+    {"mixed_precision": "bf16"},
+    {"model.attention": "math"},
+    {"model.lora": None, "mixed_precision": "bf16"},
+    {"gradient_accumulation_steps": 2, "weighting": "min_snr"},
+])
+def test_training_options_start_at_ln2_and_move(options, tiny_sd15_dir, pickapic_dir, tmp_path):
+    tr = make_trainer(tiny_sd15_dir, pickapic_dir, tmp_path / "run", max_steps=2, checkpoint_every=None, **options)
+    tr.train()
+    assert tr.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert tr.history[1]["loss"] != pytest.approx(math.log(2), abs=1e-5)
+    tr.cleanup()
+
+
+def test_xformers_requested_but_missing_is_a_clear_error(tiny_sd15_dir, pickapic_dir, tmp_path):
+    pytest.importorskip("diffusers")
+    try:
+        import xformers  # noqa: F401
+        pytest.skip("xformers is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match=r"pip install diffalign\[xformers\]"):
+        make_trainer(tiny_sd15_dir, pickapic_dir, tmp_path / "run", **{"model.attention": "xformers"})

@@ -137,7 +137,7 @@ def test_missing_columns_one_line(tmp_path, capsys):
     with pytest.raises(DatasetFormatError) as err:
         PreferencePairs(str(path))
     assert "expected Pick-a-Pic columns" in str(err.value)
-    record("dataset", "missing columns", f"one line: `{str(err.value).split(str(tmp_path))[-1][:120]}...`")
+    record("dataset", "missing columns", f"one line: `{str(err.value).replace(str(tmp_path), '...')[:160]}...`")
 
 
 CONFIG_CASES = {
@@ -231,7 +231,7 @@ def test_run_refuses_to_overwrite_another_run(tiny_sd15_dir, pickapic_dir, tmp_p
     assert main(["train", str(tmp_path / "c.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert "--resume" in err and "--overwrite" in err and len(err.splitlines()) == 1
-    record("disk", "output_dir holds another run's checkpoints", f"exit 2, one line: `{err.split(': ', 2)[-1][:140]}`")
+    record("disk", "output_dir holds another run's checkpoints", f"exit 2, one line: `{err.split(': ', 2)[-1][:200]}`")
 
 
 def test_write_table():
