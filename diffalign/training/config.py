@@ -165,6 +165,8 @@ class TrainConfig:
     checkpoint_every: int | None = 500
     keep_last_checkpoints: int | None = None
     log_every: int = 10
+    ema_decay: float | None = field(default=None, metadata={
+        "help": "Keep an exponential moving average of the trained weights (e.g. 0.999) and export it; null = off."})
     max_nonfinite_steps: int = field(default=5, metadata={"help": "Stop after this many NaN/inf steps in a row."})
     report_to: str | None = field(default="tensorboard", metadata={"help": "tensorboard or null."})
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -188,6 +190,8 @@ class TrainConfig:
         _check(self.keep_last_checkpoints is None or self.keep_last_checkpoints > 0, "keep_last_checkpoints",
                f"must be > 0 or null, got {self.keep_last_checkpoints}")
         _check(self.log_every > 0, "log_every", f"must be > 0, got {self.log_every}")
+        _check(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay",
+               f"must be in (0, 1) or null, got {self.ema_decay}")
         _check(self.max_nonfinite_steps > 0, "max_nonfinite_steps", f"must be > 0, got {self.max_nonfinite_steps}")
         _check(self.report_to in (None, "tensorboard"), "report_to",
                f"must be tensorboard or null, got {self.report_to!r}")

@@ -93,10 +93,12 @@ class SemiPolicyTrainer(PreferenceTrainer):
         return self.objective(errors)
 
     def checkpoint_extras(self):
-        tensors = {f"pool.{i}.{n}": v for i, (_, s) in enumerate(self.pool) for n, v in s.items()}
-        return tensors, {"pool_steps": [step for step, _ in self.pool]}
+        tensors, meta = super().checkpoint_extras()
+        tensors.update({f"pool.{i}.{n}": v for i, (_, s) in enumerate(self.pool) for n, v in s.items()})
+        return tensors, {**meta, "pool_steps": [step for step, _ in self.pool]}
 
     def restore_extras(self, tensors, meta):
+        super().restore_extras(tensors, meta)
         self.pool = []
         for i, step in enumerate(meta["pool_steps"]):
             prefix = f"pool.{i}."

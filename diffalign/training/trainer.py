@@ -138,6 +138,11 @@ class PreferenceTrainer:
         if isinstance(self.reference, AdapterDisabledReference):
             self.reference = AdapterDisabledReference(self.unet)
         self.policy = UNetDenoiser(self.unet)
+        self.ema = None
+        if cfg.ema_decay is not None:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(params, decay=cfg.ema_decay)
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler(
@@ -326,6 +331,8 @@ class PreferenceTrainer:
                 self.consecutive_nonfinite = 0
                 self.lr_scheduler.step()
                 self.step += 1
+                if self.ema is not None:
+                    self.ema.step(self._trainable_params())
                 self.after_step()
                 bar.update(1)
                 record = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
@@ -389,11 +396,21 @@ class PreferenceTrainer:
         """Called after every optimizer step (e.g. SePPO adds a reference snapshot)."""
 
     def checkpoint_extras(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Extra tensors (saved in the safetensors file) and plain state a recipe needs on resume."""
-        return {}, {}
+        """Extra tensors (saved in the safetensors file) and plain state a recipe needs on resume (here: EMA)."""
+        if self.ema is None:
+            return {}, {}
+        ema = {f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)}
+        return ema, {"ema_optimization_step": self.ema.optimization_step}
 
     def restore_extras(self, tensors: dict[str, torch.Tensor], meta: dict):
-        pass
+        if self.ema is not None:
+            with torch.no_grad():
+                for i, p in enumerate(self.ema.shadow_params):
+                    p.copy_(tensors[f"ema.{i}"])
+            self.ema.optimization_step = meta["ema_optimization_step"]
+
+    def _trainable_params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.accelerator.unwrap_model(self.unet).parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ state
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -452,7 +469,10 @@ class PreferenceTrainer:
         self.accelerator.print(f"diffalign: resumed from {path} (step {self.step}, epoch {self.epoch})")
 
     def save_final(self):
+        """Export the adapter (or U-Net); with EMA, the EMA weights are exported."""
         unet = self.accelerator.unwrap_model(self.unet)
+        if self.ema is not None:
+            self.ema.copy_to(self._trainable_params())
         if self.config.model.lora is not None:
             save_lora(unet, self.output_dir, sdxl=self.components.is_sdxl)
         else:

@@ -68,7 +68,8 @@ class Crash(RuntimeError):
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(tiny_sd15_dir, pickapic_dir, tmp_path):
-    kw = {"max_steps": 6, "checkpoint_every": 2, "optimizer.lr_scheduler": "linear", "optimizer.warmup_steps": 2}
+    kw = {"max_steps": 6, "checkpoint_every": 2, "optimizer.lr_scheduler": "linear", "optimizer.warmup_steps": 2,
+          "ema_decay": 0.9}
     full = make_trainer(tiny_sd15_dir, pickapic_dir, tmp_path / "full", **kw)
     full.train()
     full.cleanup()
