@@ -11,12 +11,11 @@ import torch
 
 def load_pipeline(model: str, lora: str | None = None, device: str | None = None, dtype: str = "float32"):
     """Any diffusers text-to-image pipeline by id or folder, with a diffalign LoRA loaded when given."""
+    import diffusers
     from diffusers import DiffusionPipeline
+    from packaging.version import Version
 
     from .models.loading import ModelNotFoundError
-
-    import diffusers
-    from packaging.version import Version
 
     # diffusers 0.36 renamed ``torch_dtype`` to ``dtype``; older releases know only the former.
     key = "dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype"

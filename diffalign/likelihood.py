@@ -21,7 +21,8 @@ reference **once** under ``torch.no_grad`` on exactly the same inputs.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -80,7 +80,7 @@ def write_doc(rows, args):
     lines += ["", "Means over seeds:", "", "| objective | base | aligned | win rate |", "| --- | --- | --- | --- |"]
     for obj in dict.fromkeys(r["objective"] for r in rows):
         rs = [r for r in rows if r["objective"] == obj]
-        m = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+        m = lambda k: sum(r[k] for r in rs) / len(rs)
         lines.append(f"| {obj} | {m('base_reward'):.4f} | {m('aligned_reward'):.4f} | {m('win_rate'):.3f} |")
     Path(args.doc).parent.mkdir(exist_ok=True)
     Path(args.doc).write_text("\n".join(lines) + "\n")

@@ -18,7 +18,7 @@ import random
 import re
 
 LEVELS = {"weak": 0.4, "medium": 0.6, "strong": 0.8}
-STOPWORDS = frozenset("a an the of on in with and or to at by for from into over under is are its it this that".split())
+STOPWORDS = frozenset(["a", "an", "the", "of", "on", "in", "with", "and", "or", "to", "at", "by", "for", "from", "into", "over", "under", "is", "are", "its", "it", "this", "that"])
 WORD_CLASSES = {
     "colour": ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "brown", "gray", "cyan",
                "magenta"],

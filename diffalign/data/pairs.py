@@ -126,7 +126,7 @@ class DualCaptions:
     def needs_images(self) -> bool:
         return self.captioner is not None
 
-    def __call__(self, pairs: "PreferencePairs", index: int, images, rng: random.Random) -> tuple[str, str]:
+    def __call__(self, pairs: PreferencePairs, index: int, images, rng: random.Random) -> tuple[str, str]:
         c = pairs.caption(index)
         if self.mode == "perturb":
             return c, self.perturber(c, rng)

@@ -13,10 +13,10 @@ from .lora import LORA_WEIGHT_NAME, LoRAMismatchError, add_lora, check_lora_matc
 __all__ = [
     "DEFAULT_IDS",
     "LORA_WEIGHT_NAME",
-    "LoRAMismatchError",
     "AdapterDisabledReference",
     "Components",
     "FrozenCopyReference",
+    "LoRAMismatchError",
     "ModelNotFoundError",
     "UNetCondition",
     "UNetDenoiser",

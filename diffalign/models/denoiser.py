@@ -28,20 +28,20 @@ class UNetCondition:
     def __len__(self) -> int:
         return self.encoder_hidden_states.shape[0]
 
-    def repeat(self, n: int) -> "UNetCondition":
+    def repeat(self, n: int) -> UNetCondition:
         """Stack the condition n times along dim 0, e.g. (B, ...) -> (2B, ...) for ``[winners; losers]``."""
-        rep = lambda x: x.repeat(n, *([1] * (x.ndim - 1)))  # noqa: E731
+        rep = lambda x: x.repeat(n, *([1] * (x.ndim - 1)))
         added = None if self.added_cond_kwargs is None else {k: rep(v) for k, v in self.added_cond_kwargs.items()}
         return UNetCondition(rep(self.encoder_hidden_states), added, dict(self.extra))
 
     @staticmethod
-    def cat(first: "UNetCondition", second: "UNetCondition") -> "UNetCondition":
+    def cat(first: UNetCondition, second: UNetCondition) -> UNetCondition:
         added = None
         if first.added_cond_kwargs is not None:
             added = {k: torch.cat([v, second.added_cond_kwargs[k]]) for k, v in first.added_cond_kwargs.items()}
         return UNetCondition(torch.cat([first.encoder_hidden_states, second.encoder_hidden_states]), added)
 
-    def to(self, *args, **kwargs) -> "UNetCondition":
+    def to(self, *args, **kwargs) -> UNetCondition:
         added = None
         if self.added_cond_kwargs is not None:
             added = {k: v.to(*args, **kwargs) for k, v in self.added_cond_kwargs.items()}

@@ -64,7 +64,7 @@ def detect_family(source: str) -> str:
 def _load(cls, source: str, subfolder: str | None, **kwargs):
     try:
         return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         where = f"{source}/{subfolder}" if subfolder else source
         raise ModelNotFoundError(
             f"could not load {cls.__name__} from {where!r}: {str(err).splitlines()[0]} "

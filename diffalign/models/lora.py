@@ -72,8 +72,9 @@ def load_lora_into(unet, lora_dir: str | os.PathLike) -> None:
     unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
     unet_state = convert_unet_state_dict_to_peft(unet_state)
     if not getattr(unet, "peft_config", None):
-        from safetensors import safe_open
         import json
+
+        from safetensors import safe_open
 
         with safe_open(str(Path(lora_dir) / LORA_WEIGHT_NAME), "pt") as f:
             meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))

@@ -8,11 +8,11 @@ from .base import (
     get_objective_spec,
     register_objective,
 )
-from .dpo import DPOConfig, dpo_logits, dpo_loss, dpo_metrics
 from .dcpo import DCPOConfig
+from .dpo import DPOConfig, dpo_logits, dpo_loss, dpo_metrics
 from .inpo import InPOConfig
-from .seppo import SePPOConfig, aaf_sign, seppo_loss
 from .mapo import MaPOConfig, mapo_log_odds, mapo_loss, phi
+from .seppo import SePPOConfig, aaf_sign, seppo_loss
 
 __all__ = [
     "DCPOConfig",
@@ -23,7 +23,6 @@ __all__ = [
     "PairErrors",
     "SePPOConfig",
     "aaf_sign",
-    "seppo_loss",
     "available_objectives",
     "build_objective",
     "dpo_logits",
@@ -34,4 +33,5 @@ __all__ = [
     "mapo_loss",
     "phi",
     "register_objective",
+    "seppo_loss",
 ]

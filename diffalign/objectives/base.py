@@ -9,8 +9,8 @@ they need reference errors, so the trainer never branches on an objective's name
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import ObjectiveOutput, PairErrors, register_objective
-from .dpo import _check_shapes
+from .dpo import _check_shapes, dpo_metrics
 
 
 def phi(u: torch.Tensor) -> torch.Tensor:
@@ -73,14 +73,7 @@ def build_mapo(config: MaPOConfig):
         _check_shapes(errors.model_w, errors.model_l)
         margin = mapo_log_odds(errors.model_w, errors.model_l, config.snr_value) * config.num_train_timesteps
         losses = errors.model_w - config.beta * F.logsigmoid(margin)  # per pair; mean equals mapo_loss
-        with torch.no_grad():
-            acc = (margin > 0).float() + 0.5 * (margin == 0).float()
-        metrics = {
-            "rewards/accuracies": acc.mean().item(),
-            "rewards/margins": margin.mean().item(),
-            "errors/policy_w": errors.model_w.mean().item(),
-            "errors/policy_l": errors.model_l.mean().item(),
-        }
+        metrics = dpo_metrics(margin, errors)  # accuracy / margin of the MaPO log-odds, policy errors
         return ObjectiveOutput(losses.mean(), losses, metrics)
 
     return objective

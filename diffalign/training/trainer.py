@@ -69,7 +69,7 @@ class PreferenceTrainer:
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------ setup
-    def setup(self, resume: bool = False, overwrite: bool = False) -> "PreferenceTrainer":
+    def setup(self, resume: bool = False, overwrite: bool = False) -> PreferenceTrainer:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 

@@ -81,10 +81,10 @@ def test_ties_and_bad_labels_dropped(pickapic_dir):
 
 
 def test_winner_and_loser_get_the_same_crop_and_flip():
-    from PIL import Image
     import random
 
     import numpy as np
+    from PIL import Image
 
     arr = np.zeros((40, 60, 3), dtype=np.uint8)
     arr[:, :10] = 255  # a white band on the left edge
@@ -99,8 +99,8 @@ def test_winner_and_loser_get_the_same_crop_and_flip():
 def test_winner_is_the_labelled_image(pickapic_dir):
     import io
 
-    from PIL import Image
     import pyarrow.parquet as pq
+    from PIL import Image
 
     table = pq.read_table(pickapic_dir / "train.parquet").to_pylist()
     ds = PreferencePairs(str(pickapic_dir), transform=PairTransform(8, random_flip=False))

@@ -37,7 +37,7 @@ def test_perturber_changes_same_class_words_deterministically():
         if a != b and a == "circle":
             assert b in p.classes["shape"]
     strong = CaptionPerturber("strong", vocabulary=["dog"])
-    changed = lambda q: sum(x != y for x, y in zip(c.split(), q(c, random.Random(0)).split()))  # noqa: E731
+    changed = lambda q: sum(x != y for x, y in zip(c.split(), q(c, random.Random(0)).split()))
     assert changed(strong) >= changed(p)
 
 

@@ -1,5 +1,5 @@
-import tarfile
 import io
+import tarfile
 
 import torch
 
@@ -9,8 +9,8 @@ from diffalign.testing import png_bytes
 
 
 def test_generate_cli_with_lora_differs_from_base(tiny_sd15_dir, tmp_path):
-    from diffalign.models.lora import add_lora, save_lora
     from diffalign.models.loading import load_components
+    from diffalign.models.lora import add_lora, save_lora
 
     c = load_components(tiny_sd15_dir)
     add_lora(c.unet, rank=4, alpha=8, init=False)  # random A and B: a visible change
@@ -22,8 +22,8 @@ def test_generate_cli_with_lora_differs_from_base(tiny_sd15_dir, tmp_path):
     common = ["--model", tiny_sd15_dir, "--prompt", "a red circle", "--steps", "2", "--height", "32", "--width", "32"]
     assert main(["generate", *common, "--out", str(tmp_path / "base")]) == 0
     assert main(["generate", *common, "--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "lora_out")]) == 0
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     a = np.asarray(Image.open(tmp_path / "base" / "0000_00.png"), dtype=float)
     b = np.asarray(Image.open(tmp_path / "lora_out" / "0000_00.png"), dtype=float)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-from diffalign.inversion import ddim_invert, ddim_inversion_step, implied_noise, inversion_levels
+from diffalign.inversion import ddim_inversion_step, ddim_invert, implied_noise, inversion_levels
 from diffalign.testing import base_config
 from diffalign.training.config import parse_config
 from diffalign.training.trainer import PreferenceTrainer
@@ -15,7 +15,7 @@ SD_SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear
 def test_levels_and_step_counts_match_the_note():
     starts, stride = inversion_levels()
     assert starts == [-99, 1, 101, 201, 301, 401, 501, 601, 701, 801] and stride == 100
-    n = lambda t: sum(k < t for k in starts)  # noqa: E731
+    n = lambda t: sum(k < t for k in starts)
     assert [n(0), n(1), n(2), n(101), n(102), n(999)] == [1, 1, 2, 2, 3, 10]
     assert np.mean([n(t) for t in range(1000)]) == pytest.approx(6.382)
     calls = []

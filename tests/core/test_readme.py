@@ -13,7 +13,7 @@ import yaml
 from diffalign.testing import base_config
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-PY_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+PY_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
 
 
 def test_objective_snippet_prints_the_documented_values():

@@ -31,7 +31,7 @@ def test_aaf_routes_reference_sample_by_anchor():
 def test_seppo_by_hand():
     """s = +1 (policy better on the anchor): inside = -2500·[(0.10-0.12) - (0.13-0.11)] = 100 -> ≈ 0;
     s = -1: inside = -2500·[(0.12-0.10) + (0.13-0.11)] = -100 -> ≈ 100."""
-    one = lambda x: torch.tensor([x], dtype=D)  # noqa: E731
+    one = lambda x: torch.tensor([x], dtype=D)
     assert seppo_loss(one(0.10), one(0.13), one(0.12), one(0.11)).item() == pytest.approx(
         math.log1p(math.exp(-100.0)), abs=1e-12)
     assert seppo_loss(one(0.12), one(0.13), one(0.10), one(0.11)).item() == pytest.approx(100.0, rel=1e-9)

@@ -7,10 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffalign.testing import base_config
 from diffalign.training.config import parse_config
 from diffalign.training.trainer import PreferenceTrainer, RunExistsError
-
-from diffalign.testing import base_config
 
 
 def make_trainer(model_dir, data_dir, out_dir, **kw):
@@ -96,7 +95,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tiny_sd15_dir, pickapi
     a = load_file(str(tmp_path / "full" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "crash" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    curve = lambda d: [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    curve = lambda d: [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert curve(tmp_path / "full") == curve(tmp_path / "crash")
     assert len(curve(tmp_path / "full")) == 6
 

@@ -9,7 +9,6 @@ import struct
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -37,7 +36,7 @@ def record(category, what, seen):
 def _png_with_header(width, height):
     """A valid-looking PNG whose header claims width x height (a decompression-bomb-sized image)."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))  # noqa: E731
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
 
 
