@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..likelihood import sample_timesteps
 from .base import register_objective
 from .dpo import DPOConfig, build_dpo
 
@@ -44,7 +43,8 @@ class InPOConfig(DPOConfig):
 
 def inversion_noise_provider(config: InPOConfig):
     """``(denoiser, scheduler, x0_pairs (2B, ...), cond, generator) -> (t (2B,), ε̃ (2B, ...))``."""
-    from ..inversion import ddim_invert, implied_noise
+    from ..inversion import ddim_invert, implied_noise  # lazy: likelihood imports objectives.base
+    from ..likelihood import sample_timesteps
 
     def provider(denoiser, scheduler, x0_pairs, cond, generator):
         half = x0_pairs.shape[0] // 2
