@@ -1,0 +1,101 @@
+"""The toy world: a tiny real Stable Diffusion pipeline, procedural captioned shapes and an oracle reward.
+
+Everything here runs on a CPU in seconds to minutes, so Diffusion-DPO can be shown end to end without a GPU or a
+download:
+
+* :mod:`~diffalign.toy.shapes`: 32x32 images of one coloured shape on a coloured background, captioned
+  ``"a red circle on a blue background"``; 78 TRAIN and 12 HELD-OUT prompts.
+* :mod:`~diffalign.toy.oracle`: a pixel-level reward (caption fidelity + a taste for bigger shapes).
+* ``assets/toy-sd``: a ``StableDiffusionPipeline`` pretrained from scratch by :mod:`~diffalign.toy.pretrain`.
+* ``assets/toy-pairs``: oracle-labelled pairs in the Pick-a-Pic v2 schema, made by :mod:`~diffalign.toy.pairs`.
+
+    >>> from diffusers import StableDiffusionPipeline
+    >>> from diffalign import toy
+    >>> pipe = StableDiffusionPipeline.from_pretrained(toy.toy_model_path())
+    >>> prompts = toy.heldout_prompts()
+    >>> images = toy.generate(pipe, prompts, seeds=list(range(len(prompts))))
+    >>> toy.oracle_reward(images, prompts).mean()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .components import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_NUM_INFERENCE_STEPS,
+    ToyModelConfig,
+    build_components,
+    build_pipeline,
+    generate,
+)
+from .oracle import TERMS, caption_match, oracle_reward, oracle_terms
+from .shapes import (
+    COLOURS,
+    IMAGE_SIZE,
+    SHAPES,
+    ShapeSpec,
+    heldout_prompts,
+    make_caption,
+    parse_caption,
+    render,
+    render_batch,
+    train_prompts,
+)
+
+ASSETS_ENV = "DIFFALIGN_ASSETS"
+
+
+def assets_path() -> Path:
+    """The ``assets`` folder: ``$DIFFALIGN_ASSETS`` if set, else ``<repo root>/assets``."""
+    override = os.environ.get(ASSETS_ENV)
+    return Path(override) if override else Path(__file__).resolve().parents[2] / "assets"
+
+
+def toy_model_path() -> Path:
+    """The shipped toy pipeline folder, ``assets/toy-sd`` (load it with ``StableDiffusionPipeline.from_pretrained``)."""
+    return assets_path() / "toy-sd"
+
+
+def toy_pairs_path() -> Path:
+    """The shipped pair set folder, ``assets/toy-pairs`` (``load_dataset("parquet", data_dir=...)`` reads it)."""
+    return assets_path() / "toy-pairs"
+
+
+def load_toy_pipeline(path: str | os.PathLike | None = None):
+    """``StableDiffusionPipeline.from_pretrained(path or toy_model_path())`` with the progress bar off."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(path or toy_model_path()))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+__all__ = [
+    "ASSETS_ENV",
+    "COLOURS",
+    "DEFAULT_GUIDANCE_SCALE",
+    "DEFAULT_NUM_INFERENCE_STEPS",
+    "IMAGE_SIZE",
+    "SHAPES",
+    "TERMS",
+    "ShapeSpec",
+    "ToyModelConfig",
+    "assets_path",
+    "build_components",
+    "build_pipeline",
+    "caption_match",
+    "generate",
+    "heldout_prompts",
+    "load_toy_pipeline",
+    "make_caption",
+    "oracle_reward",
+    "oracle_terms",
+    "parse_caption",
+    "render",
+    "render_batch",
+    "toy_model_path",
+    "toy_pairs_path",
+    "train_prompts",
+]
