@@ -64,9 +64,9 @@ def test_exported_lora_reproduces_the_aligned_images(tmp_path):
     tr = PreferenceTrainer(parse_config(demo_config(tmp_path / "run", seed=0, max_steps=20))).setup()
     tr.train()
     prompts = toy.heldout_prompts()[:3]
-    own = tr.pipeline()
+    own = StableDiffusionPipeline.from_pretrained(str(toy.toy_model_path()))
+    own.unet = tr.accelerator.unwrap_model(tr.unet).eval()  # the trained policy itself, same scheduler and VAE
     own.set_progress_bar_config(disable=True)
-    tr.accelerator.unwrap_model(tr.unet).eval()
     ours = toy.generate(own, prompts, [1, 2, 3])
     pipe = StableDiffusionPipeline.from_pretrained(str(toy.toy_model_path()))
     pipe.set_progress_bar_config(disable=True)
