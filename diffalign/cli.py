@@ -2,6 +2,7 @@
 
     diffalign train CONFIG.yaml [key=value ...] [--resume] [--overwrite]
     diffalign generate --model DIR_OR_ID [--lora DIR] --prompt "..." --out DIR
+    diffalign personalize --model ID --lora RUN --user-examples FILE | --user-mix a:0.3,b:0.7 ...
     diffalign demo [--out DIR]
     diffalign eval ...            (see ``diffalign eval --help``)
     diffalign robot train|eval    (see ``diffalign robot --help``)
@@ -18,6 +19,7 @@ import sys
 COMMANDS = {
     "train": ("diffalign.training.cli", "train a model from a YAML config"),
     "generate": ("diffalign.generate", "generate images from prompts (base model + optional LoRA)"),
+    "personalize": ("diffalign.personalization.cli", "generate for a user of a PPD model (few-shot, user mixes)"),
     "demo": ("diffalign.toy.demo", "run Diffusion-DPO end to end on the bundled toy world (CPU, minutes)"),
     "eval": ("diffalign.evaluators.cli", "score images with reward models; win rates and reports"),
     "robot": ("diffalign.robot.cli", "robot-policy preference heads (DeformPAM, RAPL)"),

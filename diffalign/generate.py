@@ -42,7 +42,14 @@ def generate(pipe, prompts: list[str], seeds: list[int], **kwargs):
     return images
 
 
+USER_FLAGS = ("--user-examples", "--user-mix", "--user")
+
+
 def main(argv: list[str]) -> int:
+    if any(a.split("=")[0] in USER_FLAGS for a in argv):  # a PPD model served to a user: same flags + the user ones
+        from .personalization.cli import main as personalize
+
+        return personalize(argv)
     from tqdm.auto import tqdm
 
     from .models.loading import ModelNotFoundError

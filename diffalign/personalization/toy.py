@@ -1,0 +1,211 @@
+"""A toy multi-user world for PPD: users with conflicting, pixel-defined tastes label the same image pairs.
+
+**Users are favourite hues.** Two opponent-colour statistics of an image ``x`` (RGB in [0, 1], means over pixels):
+
+.. math::
+
+    w(x) = \\overline{R} - \\overline{B} \\quad(\\text{warm} \\leftrightarrow \\text{cold}), \\qquad
+    g(x) = \\overline{G} - (\\overline{R} + \\overline{B})/2 \\quad(\\text{green} \\leftrightarrow \\text{magenta})
+
+and user ``θ`` (an angle in that plane) has the reward ``r_θ(x) = cos θ · w(x) + sin θ · g(x)``. The four training
+users (:data:`TRAIN_USERS`) sit at 0° (warm), 90° (green), 180° (cold) and 270° (magenta): opposite users have
+exactly opposite rewards, so one pair of images gets opposite labels from them. Held-out users
+(:data:`HELDOUT_USERS`, between two training users) are never trained on; PPD serves them from 4 examples.
+
+In the shapes world (``assets/toy-sd``, prompts "a red circle on a blue background") a prompt fixes the two colours,
+so a user's reward mostly asks for a bigger or a smaller shape depending on which of the two colours is closer to the
+user's hue: red-on-blue should grow for the warm user and shrink for the cold one. One PPD model has to learn this
+per user from the user's embedding.
+
+The base model is ``assets/toy-sd`` when it exists (:func:`toy_base_model`); otherwise a random tiny SD pipeline
+(:mod:`diffalign.models.tiny`) whose blob-like samples still vary in hue, enough to exercise the code.
+
+    python -m diffalign.personalization.toy make-pairs --out runs/ppd-toy/pairs      # data for configs/toy_ppd.yaml
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .user_encoder import PreferenceExample
+
+TOY_MODEL_DIR = Path(__file__).resolve().parents[2] / "assets" / "toy-sd"
+TASTE_FEATURES = ("warmth", "greenness")
+# Sampling defaults of the toy pipeline (diffalign.toy.components): 20 DDIM steps, CFG 5.
+GENERATION = {"num_inference_steps": 20, "guidance_scale": 5.0}
+FALLBACK_PROMPTS = [f"a {c} {s} on a {b} background" for c, b in (("red", "blue"), ("blue", "yellow"),
+                                                                   ("green", "purple"), ("yellow", "white"))
+                    for s in ("circle", "square")]
+
+
+def hue_features(images) -> np.ndarray:
+    """(N, 2): warmth ``mean(R) - mean(B)`` and greenness ``mean(G) - (mean(R) + mean(B)) / 2`` of RGB images
+    (PIL, uint8 (N, H, W, 3) or float (N, H, W, 3) in [0, 1])."""
+    if isinstance(images, np.ndarray):
+        arr = images.astype(np.float64) / (255.0 if images.dtype == np.uint8 else 1.0)
+    else:
+        arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0 for im in images])
+    r, g, b = (arr[..., k].reshape(len(arr), -1).mean(1) for k in range(3))  # (N,) each
+    return np.stack([r - b, g - (r + b) / 2], axis=1)
+
+
+@dataclass(frozen=True)
+class ToyUser:
+    """A user who likes hue direction ``angle`` (degrees): ``reward = cos·warmth + sin·greenness``."""
+
+    name: str
+    angle: float
+
+    @property
+    def direction(self) -> np.ndarray:
+        a = math.radians(self.angle)
+        return np.array([math.cos(a), math.sin(a)])
+
+    def reward(self, images) -> np.ndarray:
+        """(N,) float64."""
+        return hue_features(images) @ self.direction
+
+
+TRAIN_USERS = (ToyUser("warm", 0.0), ToyUser("green", 90.0), ToyUser("cold", 180.0), ToyUser("magenta", 270.0))
+HELDOUT_USERS = (ToyUser("yellow", 45.0), ToyUser("teal", 135.0))
+
+
+def toy_prompts() -> tuple[list[str], list[str]]:
+    """(training prompts, evaluation prompts): the shapes world's TRAIN / HELD-OUT captions when
+    :mod:`diffalign.toy` is available, else a fixed list split in two."""
+    try:
+        from ..toy.shapes import heldout_prompts, train_prompts
+
+        return train_prompts(), heldout_prompts()
+    except ImportError:
+        return FALLBACK_PROMPTS[::2], FALLBACK_PROMPTS[1::2]
+
+
+def toy_base_model(cache_dir: str | Path | None = None) -> tuple[str, bool]:
+    """``(folder, is_toy)``: ``assets/toy-sd`` if it holds a pipeline, else a random tiny SD1.5 pipeline written
+    to ``cache_dir`` (``is_toy`` False)."""
+    if (TOY_MODEL_DIR / "model_index.json").is_file():
+        return str(TOY_MODEL_DIR), True
+    from ..models.tiny import save_tiny_pipeline
+
+    path = Path(cache_dir or ".") / "tiny-sd15-random"
+    if not (path / "model_index.json").is_file():
+        save_tiny_pipeline(path, "sd15")
+    return str(path), False
+
+
+def load_pipeline(model: str):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@dataclass
+class ImagePairs:
+    """Unlabelled pairs from the base model: ``captions[k]`` with images ``images_0[k]``, ``images_1[k]``."""
+
+    captions: list[str]
+    images_0: list
+    images_1: list
+    seeds_0: list[int]
+    seeds_1: list[int]
+
+
+def sample_pairs(pipe, prompts: list[str], n_pairs: int, *, seed: int = 0, **generation) -> ImagePairs:
+    """Pair k: prompt ``prompts[k mod len]``, seeds ``10⁶·seed + 2k`` and ``+1`` (one generator per image)."""
+    from .cli import generate_with_users
+
+    kw = {**GENERATION, **generation}
+    captions = [prompts[k % len(prompts)] for k in range(n_pairs)]
+    s0 = [1_000_000 * seed + 2 * k for k in range(n_pairs)]
+    s1 = [s + 1 for s in s0]
+    images = generate_with_users(pipe, captions + captions, s0 + s1, **kw)
+    return ImagePairs(captions, images[:n_pairs], images[n_pairs:], s0, s1)
+
+
+def label_pairs(pairs: ImagePairs, users, *, tie_margin: float = 0.01) -> dict[str, list]:
+    """Every user labels every pair with their reward (ties, ``|Δr| <= tie_margin``, are left out).
+
+    Returns Pick-a-Pic-schema columns with ``user_id`` (the user's name) and the two rewards.
+    """
+    png_0, png_1 = [_png(im) for im in pairs.images_0], [_png(im) for im in pairs.images_1]
+    cols = {k: [] for k in ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "user_id", "reward_0", "reward_1")}
+    for user in users:
+        r0, r1 = user.reward(pairs.images_0), user.reward(pairs.images_1)
+        for k in np.flatnonzero(np.abs(r0 - r1) > tie_margin):
+            first = bool(r0[k] > r1[k])
+            cols["caption"].append(pairs.captions[k])
+            cols["jpg_0"].append(png_0[k])
+            cols["jpg_1"].append(png_1[k])
+            cols["label_0"].append(1.0 if first else 0.0)
+            cols["label_1"].append(0.0 if first else 1.0)
+            cols["user_id"].append(user.name)
+            cols["reward_0"].append(float(r0[k]))
+            cols["reward_1"].append(float(r1[k]))
+    return cols
+
+
+def write_pairs(columns: dict[str, list], out_dir: str | Path) -> Path:
+    """``out_dir/train.parquet`` (a folder ``dataset.source`` can point at)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "train.parquet"
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def user_examples(pairs: ImagePairs, user: ToyUser, n: int = 4, *, tie_margin: float = 0.01):
+    """The first ``n`` pairs the user is not indifferent about, as few-shot examples (chosen first)."""
+    r0, r1 = user.reward(pairs.images_0), user.reward(pairs.images_1)
+    out = []
+    for k in np.flatnonzero(np.abs(r0 - r1) > tie_margin)[:n]:
+        w, l = (pairs.images_0[k], pairs.images_1[k]) if r0[k] > r1[k] else (pairs.images_1[k], pairs.images_0[k])
+        out.append(PreferenceExample(pairs.captions[k], w, l))
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} decisive pairs for user {user.name!r}; sample more")
+    return out
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m diffalign.personalization.toy",
+                                description="toy multi-user preference data for PPD")
+    sub = p.add_subparsers(dest="command", required=True)
+    mk = sub.add_parser("make-pairs", help="sample base pairs, label them by every training user")
+    mk.add_argument("--out", required=True)
+    mk.add_argument("--model", help="base pipeline (default: assets/toy-sd, else a random tiny one)")
+    mk.add_argument("--n-pairs", type=int, default=300)
+    mk.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    model = args.model or toy_base_model(Path(args.out).parent)[0]
+    train, _ = toy_prompts()
+    pairs = sample_pairs(load_pipeline(model), train, args.n_pairs, seed=args.seed)
+    cols = label_pairs(pairs, TRAIN_USERS)
+    path = write_pairs(cols, args.out)
+    counts = {u.name: cols["user_id"].count(u.name) for u in TRAIN_USERS}
+    print(json.dumps({"model": model, "pairs": str(path), "rows_per_user": counts}))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

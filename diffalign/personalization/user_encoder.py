@@ -1,0 +1,379 @@
+"""User encoders: a user's few-shot preference examples -> a fixed-size feature matrix, and features -> tokens.
+
+PPD feeds N = 4 examples ``(prompt, preferred image, dispreferred image)`` of a user to a VLM (LLaVA-OneVision) and
+takes intermediate hidden states as the user embedding ``u`` (layer and pooling not published). diffalign splits this
+in two:
+
+1. A **frozen encoder** (this module's ``*UserEncoder`` classes) maps the examples to features ``f`` of a fixed shape
+   (N_f, D_f). Encoding is the expensive part, so the trainer runs it once per user and caches the result
+   (``user_embeddings.safetensors``).
+2. A small **trainable projection** (:class:`UserProjection`) maps ``f`` to the tokens ``u`` (N_u, D_u) the
+   decoupled cross-attention reads (:mod:`diffalign.personalization.attention`), like IP-Adapter's image projection.
+
+Encoders (``UserEncoderConfig.type``):
+
+==========  ===========================================================================================================
+``clip``    default. A CLIP model (transformers ``CLIPModel``, by hub id / local folder, or ``tiny`` for a random
+            test-size one). Per example k: ``d_k = ĝ(x_k^w) - ĝ(x_k^l)`` (unit-normalised image embeddings) and
+            ``p_k = ĥ(c_k)`` (unit-normalised prompt embedding). Features: ``[mean_k d_k ; mean_k p_k]``, (2, D_clip).
+``vlm``     the paper's choice: a transformers image-text-to-text model by hub id (e.g.
+            ``llava-hf/llava-onevision-qwen2-0.5b-ov-hf``). One chat holding all examples; hidden states of layer
+            ``layer`` pooled as ``[mean over tokens ; last token]``, (2, D_lm). Needs the model weights locally.
+``pixels``  toy/debug: no pretrained network. ``ĝ(x)`` = the image average-pooled to a ``grid x grid`` RGB thumbnail
+            (3·grid² values in [-1, 1]); features ``[mean_k d_k]``, (1, 3·grid²). Stands in for CLIP in the toy world,
+            which has no pretrained image encoder.
+==========  ===========================================================================================================
+
+Means over the examples make ``clip`` and ``pixels`` features independent of the examples' order and defined for
+any number of examples >= 1.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+ENCODER_TYPES = ("clip", "vlm", "pixels")
+VLM_POOLING = ("mean_last", "mean", "last")
+# Used when ``model`` is not given. CLIP ViT-L/14 is SD1.5's text tower family; LLaVA-OneVision is the paper's VLM
+# (its smallest size; the paper's size is not published).
+DEFAULT_MODELS = {"clip": "openai/clip-vit-large-patch14", "vlm": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"}
+# CLIP's image normalisation (what CLIPImageProcessor uses).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class PreferenceExample:
+    """One few-shot example of a user's taste: the prompt, the image they preferred and the one they did not."""
+
+    prompt: str
+    chosen: object  # PIL image
+    rejected: object  # PIL image
+
+
+@dataclass
+class UserEncoderConfig:
+    # Which encoder.
+    type: str = field(default="clip", metadata={"help": "clip | vlm | pixels (see diffalign.personalization."
+                                                          "user_encoder)."})
+    model: str | None = field(default=None, metadata={
+        "help": "clip: CLIPModel hub id or folder (default openai/clip-vit-large-patch14), or 'tiny' (random, "
+                "tests); vlm: image-text-to-text hub id (default llava-hf/llava-onevision-qwen2-0.5b-ov-hf; paper: "
+                "LLaVA-OneVision). Unused for pixels."})
+    # vlm only.
+    layer: int = field(default=-2, metadata={"help": "vlm: which hidden-state layer is u (paper: 'intermediate', "
+                                                     "exact layer not published)."})
+    pooling: str = field(default="mean_last", metadata={"help": "vlm: mean_last | mean | last pooling of the layer."})
+    # pixels only.
+    grid: int = field(default=4, metadata={"help": "pixels: thumbnail size (features 3·grid²)."})
+    batch_size: int = field(default=32, metadata={"help": "Images per encoder forward when caching features."})
+
+    def __post_init__(self):
+        # Messages start with the bare field name: the config loader prefixes the section (objective.encoder.).
+        if self.type not in ENCODER_TYPES:
+            raise ValueError(f"type: must be one of {ENCODER_TYPES}, got {self.type!r}")
+        if self.model is None and self.type in DEFAULT_MODELS:
+            self.model = DEFAULT_MODELS[self.type]
+        if self.pooling not in VLM_POOLING:
+            raise ValueError(f"pooling: must be one of {VLM_POOLING}, got {self.pooling!r}")
+        if self.grid < 1:
+            raise ValueError(f"grid: must be >= 1, got {self.grid}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class UserEncoder:
+    """Interface: ``feature_shape`` (N_f, D_f) and ``encode(examples) -> (N_f, D_f)`` float32 on CPU."""
+
+    feature_shape: tuple[int, int]
+
+    def encode(self, examples: Sequence[PreferenceExample]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_users(self, users: Sequence[Sequence[PreferenceExample]]) -> torch.Tensor:
+        """(U, N_f, D_f) for U users; subclasses batch across users where they can."""
+        return torch.stack([self.encode(ex) for ex in users])
+
+
+def _check_examples(examples):
+    if len(examples) == 0:
+        raise ValueError("a user needs at least one preference example")
+
+
+class PooledDifferenceEncoder(UserEncoder):
+    """Features ``[mean_k (ĝ(x_k^w) - ĝ(x_k^l)) ; mean_k ĥ(c_k)]`` from an image embedder ĝ and an optional prompt
+    embedder ĥ (rows: 2 with a prompt embedder, 1 without)."""
+
+    dim: int
+    has_text: bool
+
+    @property
+    def feature_shape(self) -> tuple[int, int]:
+        return (2 if self.has_text else 1, self.dim)
+
+    def embed_images(self, images: list) -> torch.Tensor:  # (N, D)
+        raise NotImplementedError
+
+    def embed_prompts(self, prompts: list[str]) -> torch.Tensor:  # (N, D)
+        raise NotImplementedError
+
+    def encode(self, examples):
+        return self.encode_users([examples])[0]
+
+    @torch.no_grad()
+    def encode_users(self, users):
+        for ex in users:
+            _check_examples(ex)
+        flat = [e for ex in users for e in ex]
+        images = [e.chosen for e in flat] + [e.rejected for e in flat]
+        emb = torch.cat([self.embed_images(images[i:i + self.batch_size])
+                         for i in range(0, len(images), self.batch_size)]).float().cpu()  # (2E, D)
+        diff = emb[: len(flat)] - emb[len(flat):]  # (E, D): chosen - rejected per example
+        rows = [diff]
+        if self.has_text:
+            prompts = [e.prompt for e in flat]
+            rows.append(torch.cat([self.embed_prompts(prompts[i:i + self.batch_size])
+                                   for i in range(0, len(prompts), self.batch_size)]).float().cpu())  # (E, D)
+        out, start = [], 0
+        for ex in users:
+            stop = start + len(ex)
+            out.append(torch.stack([r[start:stop].mean(0) for r in rows]))  # (N_f, D): pooled over the examples
+            start = stop
+        return torch.stack(out)  # (U, N_f, D)
+
+
+class PixelUserEncoder(PooledDifferenceEncoder):
+    """ĝ(x) = the image as a ``grid x grid`` RGB thumbnail in [-1, 1] (box filter), flattened: 3·grid² values."""
+
+    has_text = False
+
+    def __init__(self, grid: int = 4, batch_size: int = 32):
+        self.grid, self.batch_size = grid, batch_size
+        self.dim = 3 * grid * grid
+
+    def embed_images(self, images):
+        from PIL import Image
+
+        thumbs = [np.asarray(im.convert("RGB").resize((self.grid, self.grid), Image.BOX), dtype=np.float32)
+                  for im in images]  # (g, g, 3) each
+        arr = np.stack(thumbs) / 127.5 - 1.0  # (N, g, g, 3)
+        return torch.from_numpy(arr.transpose(0, 3, 1, 2).reshape(len(images), -1))  # (N, 3·g²)
+
+
+def tiny_clip_model(seed: int = 0):
+    """A random test-size ``CLIPModel`` (vision 32 px, text 16 tokens, projection 16) built in code."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from ..models.tokenizer import CLIP_BOS_ID, CLIP_EOS_ID, CLIP_VOCAB_SIZE
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16, bos_token_id=CLIP_BOS_ID,
+                eos_token_id=CLIP_EOS_ID, pad_token_id=CLIP_EOS_ID)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+
+
+class ClipUserEncoder(PooledDifferenceEncoder):
+    """ĝ, ĥ = unit-normalised CLIP image / text embeddings (``get_image_features`` / ``get_text_features``)."""
+
+    has_text = True
+
+    def __init__(self, model="tiny", *, device=None, dtype=torch.float32, batch_size: int = 32):
+        from transformers import CLIPModel, CLIPTokenizer
+
+        from ..models.tokenizer import clip_tokenizer
+
+        if isinstance(model, str) and model == "tiny":
+            self.model = tiny_clip_model()
+            self.tokenizer = clip_tokenizer(model_max_length=self.model.config.text_config.max_position_embeddings)
+        elif isinstance(model, str):
+            self.model = CLIPModel.from_pretrained(model, dtype=dtype)
+            self.tokenizer = CLIPTokenizer.from_pretrained(model)
+        else:  # an instance (tests, or a model already in memory)
+            self.model = model
+            self.tokenizer = clip_tokenizer(model_max_length=model.config.text_config.max_position_embeddings)
+        self.device = torch.device(device or "cpu")
+        self.model = self.model.to(self.device).requires_grad_(False).eval()
+        self.dim = self.model.config.projection_dim
+        self.image_size = self.model.config.vision_config.image_size
+        self.batch_size = batch_size
+
+    def pixel_values(self, images) -> torch.Tensor:
+        """CLIP preprocessing: resize the shorter side (bicubic), center-crop, normalise. (N, 3, S, S)."""
+        from PIL import Image
+
+        s, out = self.image_size, []
+        for im in images:
+            im = im.convert("RGB")
+            scale = s / min(im.size)
+            im = im.resize((max(s, round(im.width * scale)), max(s, round(im.height * scale))), Image.BICUBIC)
+            left, top = (im.width - s) // 2, (im.height - s) // 2
+            out.append(np.asarray(im.crop((left, top, left + s, top + s)), dtype=np.float32) / 255.0)
+        x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)  # (N, 3, S, S)
+        mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        return ((x - mean) / std).to(self.device, self.model.dtype)
+
+    @staticmethod
+    def _embeds(out) -> torch.Tensor:
+        # transformers 5 returns a model output (pooler_output = projected embeddings); older ones a tensor.
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def embed_images(self, images):
+        emb = self._embeds(self.model.get_image_features(pixel_values=self.pixel_values(images))).float()
+        return emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def embed_prompts(self, prompts):
+        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                             max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+        emb = self._embeds(self.model.get_text_features(input_ids=ids.to(self.device))).float()
+        return emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class VLMUserEncoder(UserEncoder):
+    """The paper's encoder: a VLM reads all examples in one chat; ``u`` = pooled hidden states of one layer.
+
+    Loading code only (needs the weights; not exercised by the offline tests). Features (2, D) for
+    ``pooling="mean_last"`` (mean over the sequence; last token), else (1, D).
+    """
+
+    INSTRUCTION = ("Each example shows a prompt and two images generated for it; the user preferred the first. "
+                   "Describe this user's visual preferences.")
+
+    def __init__(self, model: str, *, layer: int = -2, pooling: str = "mean_last", device=None,
+                 dtype=torch.bfloat16):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(model)
+        self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).eval().requires_grad_(False)
+        self.device = torch.device(device or "cpu")
+        self.model.to(self.device)
+        self.layer, self.pooling = layer, pooling
+        cfg = self.model.config
+        dim = getattr(getattr(cfg, "text_config", cfg), "hidden_size")
+        self.feature_shape = (2 if pooling == "mean_last" else 1, dim)
+
+    @torch.no_grad()
+    def encode(self, examples):
+        _check_examples(examples)
+        content, images = [], []
+        for k, ex in enumerate(examples, 1):
+            content += [{"type": "text", "text": f"Example {k}. Prompt: {ex.prompt}\nPreferred:"}, {"type": "image"},
+                        {"type": "text", "text": "Not preferred:"}, {"type": "image"}]
+            images += [ex.chosen.convert("RGB"), ex.rejected.convert("RGB")]
+        content.append({"type": "text", "text": self.INSTRUCTION})
+        text = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        inputs = self.processor(text=[text], images=images, return_tensors="pt").to(self.device)
+        hidden = self.model(**inputs, output_hidden_states=True).hidden_states[self.layer][0].float()  # (L, D)
+        mask = inputs["attention_mask"][0].bool()
+        h = hidden[mask]  # (L', D)
+        rows = {"mean": [h.mean(0)], "last": [h[-1]], "mean_last": [h.mean(0), h[-1]]}[self.pooling]
+        return torch.stack(rows).cpu()  # (N_f, D)
+
+
+def build_user_encoder(config: UserEncoderConfig, device=None) -> UserEncoder:
+    """The encoder a :class:`UserEncoderConfig` names."""
+    if config.type == "pixels":
+        return PixelUserEncoder(config.grid, config.batch_size)
+    if config.type == "clip":
+        return ClipUserEncoder(config.model, device=device, batch_size=config.batch_size)
+    return VLMUserEncoder(config.model, layer=config.layer, pooling=config.pooling, device=device)
+
+
+def encoder_feature_shape(config: UserEncoderConfig) -> tuple[int, int]:
+    """(N_f, D_f) of an encoder's features from its config alone (no weights are loaded)."""
+    if config.type == "pixels":
+        return (1, 3 * config.grid * config.grid)
+    if config.type == "clip":
+        if config.model == "tiny":
+            return (2, tiny_clip_model().config.projection_dim)
+        from transformers import CLIPConfig
+
+        return (2, CLIPConfig.from_pretrained(config.model).projection_dim)
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(config.model)
+    return (2 if config.pooling == "mean_last" else 1, getattr(cfg, "text_config", cfg).hidden_size)
+
+
+class UserProjection(nn.Module):
+    """Features (B, N_f, D_f) -> user tokens (B, N_u, D_u): ``LayerNorm(W · flatten(standardise(f)))`` reshaped.
+
+    The trainable half of the user encoder (IP-Adapter's ``ImageProjModel`` has the same Linear + LayerNorm form).
+    Two choices make users distinguishable from the first step:
+
+    * each feature row is standardised (zero mean, unit variance over D_f, no parameters): raw feature scales vary by
+      encoder and shrink when a user's examples are few or disagree, and a small ``f`` would otherwise leave every
+      user with nearly the same tokens;
+    * ``W`` has no bias, so at initialisation opposite preferences (``f`` and ``-f``) give opposite tokens.
+
+    Zeroed tokens (user-embedding dropout) are produced by the trainer *after* this module, so they switch the branch
+    off exactly.
+    """
+
+    def __init__(self, feature_shape: tuple[int, int], num_tokens: int, token_dim: int):
+        super().__init__()
+        self.feature_shape = tuple(int(v) for v in feature_shape)
+        self.num_tokens, self.token_dim = num_tokens, token_dim
+        n_f, d_f = self.feature_shape
+        self.proj = nn.Linear(n_f * d_f, num_tokens * token_dim, bias=False)
+        self.norm = nn.LayerNorm(token_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.ndim == 2:
+            features = features[None]
+        if tuple(features.shape[1:]) != self.feature_shape:
+            raise ValueError(f"user features must have shape (B, {self.feature_shape[0]}, {self.feature_shape[1]}), "
+                             f"got {tuple(features.shape)}")
+        x = features.to(self.proj.weight.dtype)
+        x = torch.nn.functional.layer_norm(x, x.shape[-1:])  # standardise each row over D_f
+        tokens = self.proj(x.flatten(1)).view(-1, self.num_tokens, self.token_dim)  # (B, N_u, D_u)
+        return self.norm(tokens)
+
+
+# ---------------------------------------------------------------- examples files (CLI, toy world)
+def load_examples(path: str | Path) -> list[PreferenceExample]:
+    """Read a user's examples: a ``.json`` list or ``.jsonl`` lines of ``{"prompt", "chosen", "rejected"}`` with image
+    paths relative to the file's folder."""
+    from ..data.images import decode_image
+
+    path = Path(path)
+    text = path.read_text()
+    rows = json.loads(text) if path.suffix == ".json" else [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{path}: expected a non-empty list of {{prompt, chosen, rejected}} records")
+    out = []
+    for i, row in enumerate(rows):
+        missing = {"prompt", "chosen", "rejected"} - set(row)
+        if missing:
+            raise ValueError(f"{path}: record {i} lacks {sorted(missing)}")
+        out.append(PreferenceExample(str(row["prompt"]), decode_image(row["chosen"], path.parent),
+                                     decode_image(row["rejected"], path.parent)))
+    return out
+
+
+def save_examples(examples: Sequence[PreferenceExample], path: str | Path) -> Path:
+    """Write examples as ``path`` (.jsonl) plus PNGs in ``<stem>_images/`` next to it."""
+    path = Path(path)
+    img_dir = path.parent / f"{path.stem}_images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, ex in enumerate(examples):
+        c, r = img_dir / f"{i:03d}_chosen.png", img_dir / f"{i:03d}_rejected.png"
+        ex.chosen.save(c)
+        ex.rejected.save(r)
+        lines.append(json.dumps({"prompt": ex.prompt, "chosen": str(c.relative_to(path.parent)),
+                                 "rejected": str(r.relative_to(path.parent))}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
