@@ -2,8 +2,12 @@
 
 A LoRA layer computes :math:`W x + \\tfrac{α}{r} B A x` with :math:`A ∈ R^{r×d}`, :math:`B ∈ R^{d'×r}`; ``B = 0`` at
 init (``init="gaussian"`` draws A, zeros B), so the adapted U-Net equals the base U-Net at step 0 and the
-Diffusion-DPO loss starts at ln 2. The export writes ``pytorch_lora_weights.safetensors`` with diffusers keys
-(``unet.<module>.lora.down/up.weight``) and the peft config as adapter metadata, so α ≠ r loads with the right scale.
+Diffusion-DPO loss starts at ln 2. The export writes ``pytorch_lora_weights.safetensors`` with peft-format keys
+(``unet.<module>.lora_A/lora_B.weight``, what diffusers' own loader produces) and the peft config as adapter metadata,
+so α ≠ r loads with the right scale. The keys are deliberately not passed through diffusers'
+``convert_state_dict_to_diffusers``: it rewrites only attention projections to the legacy ``lora.down/up`` names, and
+a file that mixes both spellings (any target beyond ``to_q/k/v/out.0``, e.g. ``proj_in`` or ``ff.net.2``) makes
+``load_lora_weights`` skip the legacy-named layers with only a warning.
 """
 
 from __future__ import annotations
@@ -43,11 +47,10 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
 def save_lora(unet, output_dir: str | os.PathLike, sdxl: bool = False) -> Path:
     """Write ``output_dir/pytorch_lora_weights.safetensors`` (diffusers keys + adapter metadata)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    layers = convert_state_dict_to_diffusers(lora_state_dict(unet))
+    layers = lora_state_dict(unet)  # peft keys, one spelling for every layer (see the module docstring)
     metadata = unet.peft_config["default"].to_dict()
     pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     # Write to a temporary name then rename, so a crash never leaves a half-written adapter under the real name.

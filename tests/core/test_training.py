@@ -113,18 +113,30 @@ def test_latent_cache_is_exact_and_hit_in_second_epoch(tiny_sd15_dir, pickapic_d
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_exported_lora_loads_into_diffusers_pipeline(family, tiny_sd15_dir, tiny_sdxl_dir, pickapic_dir, tmp_path):
+WIDE_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
+
+
+@pytest.mark.parametrize("family,targets", [("sd15", None), ("sdxl", None), ("sd15", WIDE_TARGETS)])
+def test_exported_lora_loads_into_diffusers_pipeline(family, targets, tiny_sd15_dir, tiny_sdxl_dir, pickapic_dir,
+                                                     tmp_path):
+    """Every adapted layer comes back in ``load_lora_weights`` (attention-only and wider target sets alike; a file
+    mixing legacy and peft key spellings once lost the attention layers with only a warning)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     model_dir = tiny_sd15_dir if family == "sd15" else tiny_sdxl_dir
+    lora = {"rank": 4, "alpha": 8, **({"target_modules": targets} if targets else {})}
     tr = make_trainer(model_dir, pickapic_dir, tmp_path / "run",
-                      **{"max_steps": 3, "model.lora": {"rank": 4, "alpha": 8}, "optimizer.learning_rate": 1e-2})
+                      **{"max_steps": 3, "model.lora": lora, "optimizer.learning_rate": 1e-2})
     tr.train()
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     pipe = cls.from_pretrained(model_dir)
     pipe.load_lora_weights(str(tmp_path / "run"))
     trained = tr.accelerator.unwrap_model(tr.unet).eval()
+
+    def adapted(unet):
+        return sorted(n for n, m in unet.named_modules() if hasattr(m, "lora_A") and len(m.lora_A))
+
+    assert adapted(pipe.unet) == adapted(trained) and len(adapted(trained)) > 0
     g = torch.Generator().manual_seed(0)
     x, tt = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 700])
     kw = {"encoder_hidden_states": torch.randn(2, 16, 32, generator=g)}
