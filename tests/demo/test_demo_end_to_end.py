@@ -34,7 +34,9 @@ def test_demo_aligns_the_toy_model(tmp_path, capsys):
     if MUTATION:
         from diffalign.toy.demo import run_demo
 
-        report = run_demo(out, seed=0, objective={"name": f"dpo-{MUTATION}", "beta": 5000.0})
+        from diffalign.toy.demo import DEMO_DEFAULTS
+
+        report = run_demo(out, seed=0, objective={"name": f"dpo-{MUTATION}", "beta": DEMO_DEFAULTS["beta"]})
     else:
         assert main(["demo", "--out", str(out), "--seed", "0"]) == 0
         printed = capsys.readouterr().out
@@ -45,10 +47,12 @@ def test_demo_aligns_the_toy_model(tmp_path, capsys):
     assert (out / "samples.png").exists() and (out / "curves.png").exists()
     per = report["per_image"]
     gain = np.array([p["aligned"] - p["base"] for p in per])
-    # Margin: the aligned model wins on >= 55 % of the 24 held-out images and its mean reward is higher
-    # (measured before the final relabelling: 75 % / 62.5 % / 79 % for seeds 0 / 1 / 2).
-    assert report["win_rate"] >= 0.55, report["win_rate"]
-    assert gain.mean() > 0, (gain.mean(), gain.std())
+    # Margin: the aligned model wins on >= 65 % of the 24 held-out images and its mean reward gain exceeds twice its
+    # standard error. Measured with scripts/compare_objectives.py (docs/objectives.md), seeds 0 / 1 / 2: win rate
+    # 83 % / 54 % / 79 %, gain +0.085 ± 0.029 / +0.060 ± 0.042 / +0.077 ± 0.022; this test runs seed 0.
+    se = gain.std(ddof=1) / np.sqrt(len(gain))
+    assert report["win_rate"] >= 0.65, report["win_rate"]
+    assert gain.mean() > 2 * se, (gain.mean(), se)
 
 
 @pytest.mark.slow
@@ -73,6 +77,4 @@ def test_exported_lora_reproduces_the_aligned_images(tmp_path):
     pipe.load_lora_weights(str(tmp_path / "run"))
     theirs = toy.generate(pipe, prompts, [1, 2, 3])
     for a, b in zip(ours, theirs, strict=True):
-        diff = np.abs(np.asarray(a, dtype=float) - np.asarray(b, dtype=float))
-        # Measured: max 27/255, most pixels within 0-6 (not bit-exact: open question in the issue note).
-        assert diff.mean() <= 8 and diff.max() <= 64, (diff.mean(), diff.max())
+        assert np.array_equal(np.asarray(a), np.asarray(b))  # same U-Net weights, same computation: bit-exact
