@@ -129,8 +129,8 @@ def _plot_curves(history: list[dict], path: Path):
         xs = np.asarray(xs, dtype=float)
         return np.convolve(xs, np.ones(k) / k, mode="valid") if len(xs) >= k else xs
 
-    for ax, key, title in ((ax1, "loss", "DPO loss"), (ax2, "rewards/margins", "implicit reward margin")):
-        vals = [h[key] for h in history]
+    for ax, key, title in ((ax1, "loss", "loss"), (ax2, "rewards/margins", "implicit reward margin")):
+        vals = [h.get(key, float("nan")) for h in history]  # an objective may not log a margin
         ax.plot(steps, vals, alpha=0.3, color="C0")
         sm = smooth(vals)
         ax.plot(steps[len(steps) - len(sm):], sm, color="C0")

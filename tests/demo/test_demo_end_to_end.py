@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from diffalign.cli import main
-from diffalign.objectives import ObjectiveOutput, PairErrors, dpo_logits, register_objective
+from diffalign.objectives import ObjectiveOutput, PairErrors, dpo_logits, dpo_metrics, register_objective
 from diffalign.objectives.dpo import DPOConfig
 
 MUTATION = os.environ.get("DIFFALIGN_LOSS_MUTATION")
@@ -22,9 +22,10 @@ if MUTATION:
     @register_objective(f"dpo-{MUTATION}", DPOConfig, needs_reference=True)
     def _mutated(config):
         def objective(e: PairErrors) -> ObjectiveOutput:
-            losses = -F.logsigmoid(dpo_logits(e.model_w, e.model_l, e.ref_w, e.ref_l, config.beta))
+            logits = dpo_logits(e.model_w, e.model_l, e.ref_w, e.ref_l, config.beta)
+            losses = -F.logsigmoid(logits)
             losses = -losses if MUTATION == "flip" else 0 * losses
-            return ObjectiveOutput(losses.mean(), losses, {})
+            return ObjectiveOutput(losses.mean(), losses, dpo_metrics(logits, e))
         return objective
 
 
