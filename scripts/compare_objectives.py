@@ -116,6 +116,11 @@ def write_doc(rows, args):
         lines.append(f"| {obj} | {len(rs)} | {mean('base_reward'):.4f} | {mean('aligned_reward'):.4f} | "
                      f"{mean('aligned_reward') - mean('base_reward'):+.4f} | {mean('win_rate'):.3f} | "
                      f"{mean('train_s'):.0f} |")
+    lines += ["", "At toy scale the peak RSS is the Python/torch runtime (~1 GB) for every objective, so MaPO's saving "
+              "(no reference forward, no reference weights) does not show here; `tests/core/test_mapo.py` counts its "
+              "U-Net calls and parameters instead. InPO's training time includes the DDIM inversion of every "
+              "winner and loser latent at every step. The `dpo` rows are exactly what `diffalign demo --seed S` "
+              "runs."]
     Path(args.doc).parent.mkdir(exist_ok=True)
     Path(args.doc).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.doc}")
