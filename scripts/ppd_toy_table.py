@@ -5,14 +5,14 @@
 
 1. Base model: ``assets/toy-sd`` (the shapes world) when present, else a random tiny SD pipeline (numbers are then
    only a smoke test).
-2. Data: ``--pool`` pairs of base samples on the TRAIN prompts; each of the four training users (warm, green, cold,
-   magenta; :mod:`diffalign.personalization.toy`) labels every pair with their own hue reward: opposite users give
+2. Data: ``--pool`` pairs of base samples on the TRAIN prompts; each of the four training users (big, centred, small,
+   off-centre; :mod:`diffalign.personalization.toy`) labels every pair with their own layout reward: opposite users give
    opposite labels to the same pair. A Pick-a-Pic-schema parquet with ``user_id``.
 3. Train one PPD model on all users with ``configs/toy_ppd.yaml`` (objective ``ppd``, mean-colour user encoder,
    user branch + LoRA), its model/data/output paths and seed overridden.
 4. Evaluate on the HELD-OUT prompts, the same seeds for every column: no user (base), each training user's cached
-   embedding, and two held-out users (yellow 45°, teal 135°; never trained on) each served from 4 fresh examples.
-   Every image is scored by every user's oracle. Then interpolation warm -> cold in embedding space (and in
+   embedding, and two held-out users (big-centred 45°, small-centred 135°; never trained on) each served from 4 fresh examples.
+   Every image is scored by every user's oracle. Then interpolation big -> small in embedding space (and in
    prediction space).
 5. Writes ``table.md`` (the markdown for docs/ppd.md) and ``results.json`` to ``--out``.
 """
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     for name, tok in tokens.items():
         columns[name] = score([(1.0, tok)])
     interp = {"embedding": {}, "prediction": {}}
-    a_user, b_user = "warm", "cold"
+    a_user, b_user = "big", "small"
     for alpha in ALPHAS:
         for space in interp:
             if alpha in (0.0, 1.0):

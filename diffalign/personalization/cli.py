@@ -1,7 +1,7 @@
 """Generation with users: ``diffalign generate`` for PPD models (few-shot users, interpolation between users).
 
     diffalign personalize --model BASE --lora RUN_DIR --user-examples me.jsonl --prompt "..." --out DIR
-    diffalign personalize --model BASE --lora RUN_DIR --user-mix warm:0.3,cold:0.7 --prompt "..." --out DIR
+    diffalign personalize --model BASE --lora RUN_DIR --user-mix big:0.3,small:0.7 --prompt "..." --out DIR
     diffalign personalize --model BASE --lora RUN_DIR --user-mix a.jsonl:0.5,b.jsonl:0.5 --mix-space prediction ...
 
 ``RUN_DIR`` is a PPD run's ``output_dir``: ``user_branch.safetensors`` (+ ``pytorch_lora_weights.safetensors`` when
@@ -184,7 +184,7 @@ def load_personalized_pipeline(model: str, run_dir: str, *, branch_dir: str | No
 EPILOG = """examples:
   diffalign personalize --model stable-diffusion-v1-5/stable-diffusion-v1-5 --lora runs/sd15-ppd \\
       --user-examples me.jsonl --prompt "a cat in a garden" --out out/me
-  diffalign personalize --model assets/toy-sd --lora runs/ppd-toy --user-mix warm:0.3,cold:0.7 \\
+  diffalign personalize --model assets/toy-sd --lora runs/ppd-toy --user-mix big:0.3,small:0.7 \\
       --prompt "a red circle on a blue background" --out out/mix --guidance 5 --steps 20
 """
 

@@ -1,24 +1,29 @@
-"""A toy multi-user world for PPD: users with conflicting, pixel-defined tastes label the same image pairs.
+r"""A toy multi-user world for PPD: users with conflicting, pixel-defined tastes label the same image pairs.
 
-**Users are favourite hues.** Two opponent-colour statistics of an image ``x`` (RGB in [0, 1], means over pixels):
+**Users are favourite layouts.** Two layout statistics of an image ``x`` (32x32 RGB), read from its foreground mask
+``F`` = pixels farther than :data:`FOREGROUND_THRESHOLD` from the background colour (the median of the one-pixel
+border; :func:`diffalign.personalization.user_encoder.saliency_maps`), whatever the colours:
 
 .. math::
 
-    w(x) = \\overline{R} - \\overline{B} \\quad(\\text{warm} \\leftrightarrow \\text{cold}), \\qquad
-    g(x) = \\overline{G} - (\\overline{R} + \\overline{B})/2 \\quad(\\text{green} \\leftrightarrow \\text{magenta})
+    a(x) = (|F| / HW - 0.25) / 0.15 \quad(\text{big} \leftrightarrow \text{small}), \qquad
+    c(x) = (0.2 - \lVert \bar{p}_F - p_0 \rVert / W) / 0.1 \quad(\text{centred} \leftrightarrow \text{off-centre})
 
-and user ``θ`` (an angle in that plane) has the reward ``r_θ(x) = cos θ · w(x) + sin θ · g(x)``. The four training
-users (:data:`TRAIN_USERS`) sit at 0° (warm), 90° (green), 180° (cold) and 270° (magenta): opposite users have
-exactly opposite rewards, so one pair of images gets opposite labels from them. Held-out users
-(:data:`HELDOUT_USERS`, between two training users) are never trained on; PPD serves them from 4 examples.
+(``p̄_F``: centroid of the foreground pixels, ``p_0`` the image centre, ``c = 0`` for an empty mask; the offsets and
+scales give both about unit spread on the shapes world, whose shapes have diameters of 12-24 px at uniform positions).
+User ``θ`` (an angle in that plane) has the reward ``r_θ(x) = cos θ · a(x) + sin θ · c(x)``. The four training users
+(:data:`TRAIN_USERS`) sit at 0° (big), 90° (centred), 180° (small) and 270° (off-centre): opposite users have exactly
+opposite rewards, so one pair of images gets opposite labels from them. Held-out users (:data:`HELDOUT_USERS`, between two
+training users) are never trained on; PPD serves them from 4 examples.
 
-In the shapes world (``assets/toy-sd``, prompts "a red circle on a blue background") a prompt fixes the two colours,
-so a user's reward mostly asks for a bigger or a smaller shape depending on which of the two colours is closer to the
-user's hue: red-on-blue should grow for the warm user and shrink for the cold one. One PPD model has to learn this
-per user from the user's embedding.
+Layout is what the toy base model varies freely for any prompt (the shapes world draws sizes and positions
+uniformly), so each user's taste can be met on every prompt; one PPD model has to learn from the user's embedding
+which way to move. (Colour tastes would not do: a toy prompt fixes both colours. A left/right taste was tried first
+and barely learned: the user branch acts through cross-attention at 4x4 latent resolution, where the U-Net has
+little left/right information, while size and centredness are symmetric.)
 
 The base model is ``assets/toy-sd`` when it exists (:func:`toy_base_model`); otherwise a random tiny SD pipeline
-(:mod:`diffalign.models.tiny`) whose blob-like samples still vary in hue, enough to exercise the code.
+(:mod:`diffalign.models.tiny`) whose blob-like samples still vary in layout, enough to exercise the code.
 
     python -m diffalign.personalization.toy make-pairs --out runs/ppd-toy/pairs      # data for configs/toy_ppd.yaml
 """
@@ -32,10 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .user_encoder import PreferenceExample
+from .user_encoder import PreferenceExample, saliency_maps
 
 TOY_MODEL_DIR = Path(__file__).resolve().parents[2] / "assets" / "toy-sd"
-TASTE_FEATURES = ("warmth", "greenness")
+TASTE_FEATURES = ("area", "centredness")
+FOREGROUND_THRESHOLD = 0.2  # saliency (RGB distance / √3); the toy palette's colours are >= 0.25 apart
 # Sampling defaults of the toy pipeline (diffalign.toy.components): 20 DDIM steps, CFG 5.
 GENERATION = {"num_inference_steps": 20, "guidance_scale": 5.0}
 FALLBACK_PROMPTS = [f"a {c} {s} on a {b} background" for c, b in (("red", "blue"), ("blue", "yellow"),
@@ -43,20 +49,22 @@ FALLBACK_PROMPTS = [f"a {c} {s} on a {b} background" for c, b in (("red", "blue"
                     for s in ("circle", "square")]
 
 
-def hue_features(images) -> np.ndarray:
-    """(N, 2): warmth ``mean(R) - mean(B)`` and greenness ``mean(G) - (mean(R) + mean(B)) / 2`` of RGB images
-    (PIL, uint8 (N, H, W, 3) or float (N, H, W, 3) in [0, 1])."""
-    if isinstance(images, np.ndarray):
-        arr = images.astype(np.float64) / (255.0 if images.dtype == np.uint8 else 1.0)
-    else:
-        arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0 for im in images])
-    r, g, b = (arr[..., k].reshape(len(arr), -1).mean(1) for k in range(3))  # (N,) each
-    return np.stack([r - b, g - (r + b) / 2], axis=1)
+def layout_features(images) -> np.ndarray:
+    """(N, 2): area ``a`` and centredness ``c`` of each image's foreground (see the module doc); PIL images."""
+    fg = saliency_maps(images) > FOREGROUND_THRESHOLD  # (N, H, W)
+    n, height, width = fg.shape
+    area = fg.reshape(n, -1).mean(1)
+    counts = np.maximum(fg.sum(axis=(1, 2)), 1)
+    cy = (fg.sum(axis=2) * (np.arange(height) + 0.5)).sum(1) / counts  # (N,) centroid row, pixel centres
+    cx = (fg.sum(axis=1) * (np.arange(width) + 0.5)).sum(1) / counts
+    offset = np.hypot(cx - width / 2, cy - height / 2) / width
+    centred = np.where(fg.any(axis=(1, 2)), (0.2 - offset) / 0.1, 0.0)
+    return np.stack([(area - 0.25) / 0.15, centred], axis=1)
 
 
 @dataclass(frozen=True)
 class ToyUser:
-    """A user who likes hue direction ``angle`` (degrees): ``reward = cos·warmth + sin·greenness``."""
+    """A user who likes layout direction ``angle`` (degrees): ``reward = cos·area + sin·centredness``."""
 
     name: str
     angle: float
@@ -68,11 +76,11 @@ class ToyUser:
 
     def reward(self, images) -> np.ndarray:
         """(N,) float64."""
-        return hue_features(images) @ self.direction
+        return layout_features(images) @ self.direction
 
 
-TRAIN_USERS = (ToyUser("warm", 0.0), ToyUser("green", 90.0), ToyUser("cold", 180.0), ToyUser("magenta", 270.0))
-HELDOUT_USERS = (ToyUser("yellow", 45.0), ToyUser("teal", 135.0))
+TRAIN_USERS = (ToyUser("big", 0.0), ToyUser("centred", 90.0), ToyUser("small", 180.0), ToyUser("off-centre", 270.0))
+HELDOUT_USERS = (ToyUser("big-centred", 45.0), ToyUser("small-centred", 135.0))
 
 
 def toy_prompts() -> tuple[list[str], list[str]]:

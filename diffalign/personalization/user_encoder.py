@@ -19,9 +19,10 @@ Encoders (``UserEncoderConfig.type``):
 ``vlm``     the paper's choice: a transformers image-text-to-text model by hub id (e.g.
             ``llava-hf/llava-onevision-qwen2-0.5b-ov-hf``). One chat holding all examples; hidden states of layer
             ``layer`` pooled as ``[mean over tokens ; last token]``, (2, D_lm). Needs the model weights locally.
-``pixels``  toy/debug: no pretrained network. ``ĝ(x)`` = the image average-pooled to a ``grid x grid`` RGB thumbnail
-            (3·grid² values in [-1, 1]); features ``[mean_k d_k]``, (1, 3·grid²). Stands in for CLIP in the toy world,
-            which has no pretrained image encoder.
+``pixels``  toy/debug: no pretrained network. ``ĝ(x)`` = the image average-pooled to a ``grid x grid`` thumbnail:
+            RGB (``channels: rgb``, 3·grid² values in [-1, 1]) or the distance from the background colour
+            (``channels: saliency``, grid² values in [0, 1]: where the object is, whatever its colour); features
+            ``[mean_k d_k]``, (1, D). Stands in for CLIP in the toy world, which has no pretrained image encoder.
 ==========  ===========================================================================================================
 
 Means over the examples make ``clip`` and ``pixels`` features independent of the examples' order and defined for
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 
 ENCODER_TYPES = ("clip", "vlm", "pixels")
+PIXEL_CHANNELS = ("rgb", "saliency")
 VLM_POOLING = ("mean_last", "mean", "last")
 # Used when ``model`` is not given. CLIP ViT-L/14 is SD1.5's text tower family; LLaVA-OneVision is the paper's VLM
 # (its smallest size; the paper's size is not published).
@@ -72,7 +74,9 @@ class UserEncoderConfig:
                                                      "exact layer not published)."})
     pooling: str = field(default="mean_last", metadata={"help": "vlm: mean_last | mean | last pooling of the layer."})
     # pixels only.
-    grid: int = field(default=4, metadata={"help": "pixels: thumbnail size (features 3·grid²)."})
+    grid: int = field(default=4, metadata={"help": "pixels: thumbnail size (features 3·grid², or grid² for saliency)."})
+    channels: str = field(default="rgb", metadata={
+        "help": "pixels: rgb (colour thumbnails) | saliency (distance from the border colour: where the object is)."})
     batch_size: int = field(default=32, metadata={"help": "Images per encoder forward when caching features."})
 
     def __post_init__(self):
@@ -85,6 +89,8 @@ class UserEncoderConfig:
             raise ValueError(f"pooling: must be one of {VLM_POOLING}, got {self.pooling!r}")
         if self.grid < 1:
             raise ValueError(f"grid: must be >= 1, got {self.grid}")
+        if self.channels not in PIXEL_CHANNELS:
+            raise ValueError(f"channels: must be one of {PIXEL_CHANNELS}, got {self.channels!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
 
@@ -152,18 +158,35 @@ class PooledDifferenceEncoder(UserEncoder):
         return torch.stack(out)  # (U, N_f, D)
 
 
+def saliency_maps(images) -> np.ndarray:
+    """(N, H, W) in [0, 1]: each pixel's RGB distance (Euclidean, channels in [0, 1], divided by √3) from the image's
+    background colour, estimated as the per-channel median of the one-pixel border. "Where is the object",
+    whatever its colour."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])  # (N, H, W, 3)
+    border = np.concatenate([arr[:, 0], arr[:, -1], arr[:, 1:-1, 0], arr[:, 1:-1, -1]], axis=1)  # (N, 2H+2W-4, 3)
+    background = np.median(border, axis=1)[:, None, None, :]  # (N, 1, 1, 3)
+    return np.sqrt(((arr - background) ** 2).sum(-1) / 3.0)
+
+
 class PixelUserEncoder(PooledDifferenceEncoder):
-    """ĝ(x) = the image as a ``grid x grid`` RGB thumbnail in [-1, 1] (box filter), flattened: 3·grid² values."""
+    """ĝ(x) = the image as a ``grid x grid`` thumbnail (box filter), flattened. ``channels="rgb"``: RGB in [-1, 1],
+    3·grid² values; ``channels="saliency"``: :func:`saliency_maps` in [0, 1], grid² values (layout, colour-blind)."""
 
     has_text = False
 
-    def __init__(self, grid: int = 4, batch_size: int = 32):
-        self.grid, self.batch_size = grid, batch_size
-        self.dim = 3 * grid * grid
+    def __init__(self, grid: int = 4, batch_size: int = 32, channels: str = "rgb"):
+        if channels not in PIXEL_CHANNELS:
+            raise ValueError(f"channels: must be one of {PIXEL_CHANNELS}, got {channels!r}")
+        self.grid, self.batch_size, self.channels = grid, batch_size, channels
+        self.dim = (3 if channels == "rgb" else 1) * grid * grid
 
     def embed_images(self, images):
         from PIL import Image
 
+        if self.channels == "saliency":
+            maps = saliency_maps(images)  # (N, H, W)
+            thumbs = [np.asarray(Image.fromarray(m, mode="F").resize((self.grid, self.grid), Image.BOX)) for m in maps]
+            return torch.from_numpy(np.stack(thumbs).reshape(len(images), -1).astype(np.float32))  # (N, g²)
         thumbs = [np.asarray(im.convert("RGB").resize((self.grid, self.grid), Image.BOX), dtype=np.float32)
                   for im in images]  # (g, g, 3) each
         arr = np.stack(thumbs) / 127.5 - 1.0  # (N, g, g, 3)
@@ -285,7 +308,7 @@ class VLMUserEncoder(UserEncoder):
 def build_user_encoder(config: UserEncoderConfig, device=None) -> UserEncoder:
     """The encoder a :class:`UserEncoderConfig` names."""
     if config.type == "pixels":
-        return PixelUserEncoder(config.grid, config.batch_size)
+        return PixelUserEncoder(config.grid, config.batch_size, config.channels)
     if config.type == "clip":
         return ClipUserEncoder(config.model, device=device, batch_size=config.batch_size)
     return VLMUserEncoder(config.model, layer=config.layer, pooling=config.pooling, device=device)
@@ -294,7 +317,7 @@ def build_user_encoder(config: UserEncoderConfig, device=None) -> UserEncoder:
 def encoder_feature_shape(config: UserEncoderConfig) -> tuple[int, int]:
     """(N_f, D_f) of an encoder's features from its config alone (no weights are loaded)."""
     if config.type == "pixels":
-        return (1, 3 * config.grid * config.grid)
+        return (1, (3 if config.channels == "rgb" else 1) * config.grid * config.grid)
     if config.type == "clip":
         if config.model == "tiny":
             return (2, tiny_clip_model().config.projection_dim)

@@ -9,45 +9,62 @@ from diffalign.personalization.toy import (
     TRAIN_USERS,
     ImagePairs,
     ToyUser,
-    hue_features,
     label_pairs,
+    layout_features,
     user_examples,
     write_pairs,
 )
 
-RED, BLUE, GREEN = (220, 40, 40), (40, 70, 220), (40, 170, 60)
+BLUE, RED, YELLOW = (40, 70, 220), (220, 40, 40), (240, 210, 40)
 
 
-def solid(c):
-    return Image.new("RGB", (32, 32), c)
+def square(x0, y0, side, fg=RED, bg=BLUE):
+    """A ``side`` px square with its top-left corner at column x0, row y0 on a 32x32 background."""
+    a = np.zeros((32, 32, 3), np.uint8)
+    a[:] = bg
+    a[y0:y0 + side, x0:x0 + side] = fg
+    return Image.fromarray(a)
 
 
-def test_hue_features_and_user_rewards():
-    f = hue_features([solid(RED), solid(GREEN)])
-    assert f[0] == pytest.approx([(220 - 40) / 255, (40 - (220 + 40) / 2) / 255])
-    assert f[1] == pytest.approx([(40 - 60) / 255, (170 - (40 + 60) / 2) / 255])
+def centred(cx, cy):
+    return (0.2 - np.hypot(cx - 16, cy - 16) / 32) / 0.1
+
+
+def test_layout_features_by_hand():
+    # 8x8 square at columns 4..11, rows 10..17: area 64/1024, centroid (8, 14) in pixel-centre coordinates
+    f = layout_features([square(4, 10, 8), square(12, 2, 16, fg=YELLOW, bg=RED), Image.new("RGB", (32, 32), BLUE)])
+    np.testing.assert_allclose(f[0], [(64 / 1024 - 0.25) / 0.15, centred(8, 14)])
+    np.testing.assert_allclose(f[1], [(256 / 1024 - 0.25) / 0.15, centred(20, 10)])  # colours do not matter
+    np.testing.assert_allclose(f[2], [-0.25 / 0.15, 0.0])  # nothing on the canvas
+
+
+def test_user_rewards():
+    images = [square(2, 2, 20), square(24, 10, 6), square(13, 13, 6)]  # big, small off-centre, small centred
     users = {u.name: u for u in TRAIN_USERS}
-    r = {n: u.reward([solid(RED), solid(BLUE), solid(GREEN)]) for n, u in users.items()}
-    assert r["warm"].argmax() == 0 and r["cold"].argmax() == 1 and r["green"].argmax() == 2
-    np.testing.assert_allclose(r["warm"], -r["cold"])  # opposite users, opposite rewards
-    np.testing.assert_allclose(ToyUser("x", 45).reward([solid(RED)]), (r["warm"][:1] + r["green"][:1]) / 2 ** 0.5)
+    r = {n: u.reward(images) for n, u in users.items()}
+    assert r["big"].argmax() == 0 and r["small"].argmin() == 0
+    assert r["centred"].argmax() == 2 and r["off-centre"].argmax() == 1
+    np.testing.assert_allclose(r["big"], -r["small"])  # opposite users, opposite rewards
+    np.testing.assert_allclose(r["centred"], -r["off-centre"])
+    np.testing.assert_allclose(ToyUser("x", 45).reward(images), (r["big"] + r["centred"]) / 2 ** 0.5)
     assert {u.name for u in HELDOUT_USERS}.isdisjoint(users)
 
 
 def test_opposite_users_label_the_same_pairs_oppositely(tmp_path):
     from diffalign.data import PreferencePairs
 
-    pairs = ImagePairs(["a red circle on a blue background"] * 3, [solid(RED), solid(BLUE), solid(GREEN)],
-                       [solid(BLUE), solid(RED), solid(GREEN)], [0, 2, 4], [1, 3, 5])
+    big, small = square(4, 4, 20), square(4, 4, 8)
+    pairs = ImagePairs(["a red square on a blue background"] * 3, [big, small, big], [small, big, big],
+                       [0, 2, 4], [1, 3, 5])
     cols = label_pairs(pairs, TRAIN_USERS)
-    warm = [i for i, u in enumerate(cols["user_id"]) if u == "warm"]
-    cold = [i for i, u in enumerate(cols["user_id"]) if u == "cold"]
-    assert len(warm) == len(cold) == 2  # the identical pair is a tie for everyone and is left out
-    assert [cols["label_0"][i] for i in warm] == [1.0, 0.0] and [cols["label_0"][i] for i in cold] == [0.0, 1.0]
+    rows = {name: [i for i, u in enumerate(cols["user_id"]) if u == name] for name in ("big", "small")}
+    assert len(rows["big"]) == len(rows["small"]) == 2  # the identical pair is a tie for everyone and is left out
+    assert [cols["label_0"][i] for i in rows["big"]] == [1.0, 0.0]
+    assert [cols["label_0"][i] for i in rows["small"]] == [0.0, 1.0]
     ds = PreferencePairs(write_pairs(cols, tmp_path / "pairs").parent, split="train")
     assert len(ds) == len(cols["user_id"]) and list(ds.ds["user_id"]) == cols["user_id"]
     ex = user_examples(pairs, TRAIN_USERS[0], n=2)
-    assert ex[0].chosen.getpixel((0, 0)) == RED and ex[1].chosen.getpixel((0, 0)) == RED
+    assert ex[0].chosen is big and ex[1].chosen is big
     with pytest.raises(ValueError, match="decisive"):
         user_examples(pairs, TRAIN_USERS[0], n=3)
 

@@ -35,6 +35,32 @@ def test_pixel_encoder_is_mean_chosen_minus_rejected_thumbnail():
     torch.testing.assert_close(f[0].view(3, 2, 2)[:, 0, 0], want.float(), atol=1e-5, rtol=0)
 
 
+def test_saliency_encoder_sees_where_the_object_is_whatever_its_colour():
+    import numpy as np
+
+    def square_at(col, fg, bg):  # a 16x16 square in the top-left (col 0) or top-right (col 16) quadrant
+        a = np.zeros((32, 32, 3), np.uint8)
+        a[:] = bg
+        a[:16, col:col + 16] = fg
+        return Image.fromarray(a)
+
+    enc = PixelUserEncoder(grid=2, channels="saliency")
+    assert enc.feature_shape == (1, 4) == encoder_feature_shape(UserEncoderConfig(type="pixels", grid=2,
+                                                                                  channels="saliency"))
+
+    def dist(a, b):  # RGB distance in [0, 1] units, divided by sqrt(3)
+        return float(np.sqrt((((np.array(a) - np.array(b)) / 255.0) ** 2).sum() / 3))
+
+    # chosen: object on the right, rejected: on the left; two colour schemes
+    ex = [PreferenceExample("p", square_at(16, RED, BLUE), square_at(0, RED, BLUE)),
+          PreferenceExample("q", square_at(16, GREEN, RED), square_at(0, GREEN, RED))]
+    f = enc.encode(ex)[0].view(2, 2)  # rows: top, bottom; columns: left, right
+    d = (dist(RED, BLUE) + dist(GREEN, RED)) / 2
+    torch.testing.assert_close(f, torch.tensor([[-d, d], [0.0, 0.0]]), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="channels"):
+        UserEncoderConfig(type="pixels", channels="hsv")
+
+
 def test_clip_encoder_shapes_order_invariance_and_batching():
     enc = ClipUserEncoder("tiny")
     f = enc.encode(EXAMPLES)
