@@ -190,6 +190,7 @@ EPILOG = """examples:
 
 
 def main(argv: list[str]) -> int:
+    from ..generate import add_generation_args, read_prompts, write_images
     from ..models.loading import ModelNotFoundError
 
     p = argparse.ArgumentParser(prog="diffalign personalize", description=__doc__.split("\n\n")[0], epilog=EPILOG,
@@ -206,23 +207,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--user-scale", type=float, help="scale s of the user branch (default: the trained one)")
     p.add_argument("--user-cond-only", action="store_true",
                    help="user tokens on the conditional half of the CFG batch only")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts", help="text file, one prompt per line")
-    p.add_argument("--out", required=True, help="output folder for PNG files")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--device")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    add_generation_args(p)
     args = p.parse_args(argv)
-    prompts = list(args.prompt)
-    if args.prompts:
-        prompts += [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
+    prompts = read_prompts(args)
     if not prompts:
-        print("diffalign: error: give --prompt or --prompts", file=sys.stderr)
         return 2
     try:
         pipe, spec = load_personalized_pipeline(args.model, args.lora, branch_dir=args.branch, device=args.device,
@@ -238,26 +226,13 @@ def main(argv: list[str]) -> int:
     except (ModelNotFoundError, OSError, ValueError) as err:
         print(f"diffalign: error: {err}", file=sys.stderr)
         return 2
+    write_images(args, prompts, lambda prompt, seed, **kw: generate_with_users(
+        pipe, [prompt], [seed], mixture=mixture, space=args.mix_space, cond_only=args.user_cond_only,
+        user_scale=args.user_scale, **kw)[0])
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance)
-    if args.height:
-        kw["height"] = args.height
-    if args.width:
-        kw["width"] = args.width
-    jobs = [(i, j, prompt) for i, prompt in enumerate(prompts) for j in range(args.num_images)]
-    with open(out / "prompts.tsv", "w") as index:
-        for n, (i, j, prompt) in enumerate(jobs):
-            seed = args.seed + n
-            (image,) = generate_with_users(pipe, [prompt], [seed], mixture=mixture, space=args.mix_space,
-                                           cond_only=args.user_cond_only, user_scale=args.user_scale, **kw)
-            name = f"{i:04d}_{j:02d}.png"
-            image.save(out / name)
-            index.write(f"{name}\t{seed}\t{prompt}\n")
     (out / "users.json").write_text(json.dumps({"users": [{"name": n, "weight": a} for n, a in names],
                                                 "mix_space": args.mix_space, "cond_only": args.user_cond_only,
                                                 "user_scale": args.user_scale}, indent=2) + "\n")
-    print(f"diffalign: wrote {len(jobs)} images to {out}")
     return 0
 
 

@@ -58,7 +58,7 @@ class UserBranchSpec:
         return json.dumps({"format": FORMAT, "version": VERSION, **asdict(self)})
 
     @classmethod
-    def from_json(cls, text: str) -> "UserBranchSpec":
+    def from_json(cls, text: str) -> UserBranchSpec:
         d = json.loads(text)
         if d.pop("format", None) != FORMAT:
             raise ValueError(f"not a diffalign PPD user branch (metadata format is not {FORMAT!r})")

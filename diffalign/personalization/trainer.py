@@ -35,13 +35,13 @@ from ..training.config import ConfigError
 from ..training.trainer import PreferenceTrainer
 from .attention import USER_KWARGS
 from .io import (
+    USER_EMBEDDINGS_NAME,
     UserBranchSpec,
     attach_user_branch,
     branch_parameters,
     load_user_embeddings,
     save_user_branch,
     save_user_embeddings,
-    USER_EMBEDDINGS_NAME,
 )
 from .user_encoder import PreferenceExample, build_user_encoder, encoder_feature_shape
 
@@ -69,7 +69,7 @@ class PersonalizedTrainer(PreferenceTrainer):
     """PPD (Dang et al., CVPR 2025, https://arxiv.org/abs/2501.06655): user-conditioned Diffusion-DPO."""
 
     # ------------------------------------------------------------------ setup
-    def setup(self, resume: bool = False, overwrite: bool = False) -> "PersonalizedTrainer":
+    def setup(self, resume: bool = False, overwrite: bool = False) -> PersonalizedTrainer:
         super().setup(resume=resume, overwrite=overwrite)
         # Base setup made a frozen copy (model.lora null) or an adapters-off view: replace/wrap it so the reference
         # never sees user tokens.

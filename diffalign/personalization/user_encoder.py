@@ -32,9 +32,9 @@ any number of examples >= 1.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -284,7 +284,7 @@ class VLMUserEncoder(UserEncoder):
         self.model.to(self.device)
         self.layer, self.pooling = layer, pooling
         cfg = self.model.config
-        dim = getattr(getattr(cfg, "text_config", cfg), "hidden_size")
+        dim = getattr(cfg, "text_config", cfg).hidden_size
         self.feature_shape = (2 if pooling == "mean_last" else 1, dim)
 
     @torch.no_grad()
