@@ -50,7 +50,8 @@ def test_demo_aligns_the_toy_model(tmp_path, capsys):
     gain = np.array([p["aligned"] - p["base"] for p in per])
     # Margin: the aligned model wins on >= 65 % of the 24 held-out images and its mean reward gain exceeds twice its
     # standard error. Measured with scripts/compare_objectives.py (docs/objectives.md), seeds 0 / 1 / 2: win rate
-    # 83 % / 54 % / 79 %, gain +0.085 ± 0.029 / +0.060 ± 0.042 / +0.077 ± 0.022; this test runs seed 0.
+    # 75 % / 67 % / 75 %, gain +0.099 ± 0.042 / +0.057 ± 0.016 / +0.068 ± 0.026; this test runs seed 0. With the
+    # loss's sign flipped the win rate is 21 %, with the loss zeroed 50 % (DIFFALIGN_LOSS_MUTATION=flip|zero).
     se = gain.std(ddof=1) / np.sqrt(len(gain))
     assert report["win_rate"] >= 0.65, report["win_rate"]
     assert gain.mean() > 2 * se, (gain.mean(), se)
