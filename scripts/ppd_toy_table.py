@@ -11,7 +11,9 @@
 3. Train one PPD model on all users with ``configs/toy_ppd.yaml`` (objective ``ppd``, mean-colour user encoder,
    user branch + LoRA), its model/data/output paths and seed overridden.
 4. Evaluate on the HELD-OUT prompts, the same seeds for every column: no user (base), each training user's cached
-   embedding, and two held-out users (big-centred 45°, small-centred 135°; never trained on) each served from 4 fresh examples.
+   embedding, and two held-out users (big-centred 45°, small-centred 135°; never trained on) each served from 4 fresh
+   examples: ``draws`` disjoint draws of 4 examples, image ``i`` of the column made with draw ``i mod draws``, so the
+   cell averages over which 4 examples the user happened to give.
    Every image is scored by every user's oracle. Then interpolation big -> small in embedding space (and in
    prediction space).
 5. Writes ``table.md`` (the markdown for docs/ppd.md) and ``results.json`` to ``--out``.
@@ -30,8 +32,8 @@ import numpy as np
 import torch
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy_ppd.yaml"
-FULL = dict(pool=400, eval_seeds=16, examples=4)
-QUICK = dict(pool=24, eval_seeds=1, examples=4)
+FULL = dict(pool=400, eval_seeds=16, examples=4, draws=4)
+QUICK = dict(pool=24, eval_seeds=1, examples=4, draws=1)
 # --quick: training overrides on top of configs/toy_ppd.yaml
 QUICK_OVERRIDES = ["max_steps=4", "batch_size=4", "objective.example_sets=1", "objective.num_tokens=2"]
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -81,8 +83,9 @@ def main(argv=None) -> int:
     pool = sample_pairs(pipe, train_prompts, o["pool"], seed=args.seed)
     cols = label_pairs(pool, TRAIN_USERS)
     pairs_path = write_pairs(cols, out / "pairs")
-    fresh = sample_pairs(pipe, train_prompts, 32, seed=args.seed + 1)
-    heldout_files = {u.name: save_examples(user_examples(fresh, u, o["examples"]), out / "users" / f"{u.name}.jsonl")
+    fresh = sample_pairs(pipe, train_prompts, 16 * o["draws"], seed=args.seed + 1)
+    heldout_files = {u.name: [save_examples(user_examples(fresh, u, o["examples"], draw=d),
+                                            out / "users" / f"{u.name}-{d}.jsonl") for d in range(o["draws"])]
                      for u in HELDOUT_USERS}
     timings["data_s"] = time.time() - t0
 
@@ -107,8 +110,19 @@ def main(argv=None) -> int:
     seeds = [10_000_000 + 1000 * args.seed + k for k in range(len(prompts))]
     users = list(TRAIN_USERS) + list(HELDOUT_USERS)
 
-    def score(mixture=None, space="embedding"):
-        images = generate_with_users(pipe, prompts, seeds, mixture=mixture, space=space, **GENERATION)
+    def score(mixture=None, space="embedding", draws=None):
+        """Every user's reward of the column's images; ``draws``: one mixture per example draw instead of
+        ``mixture`` (image i made with draw i mod len(draws))."""
+        if draws is None:
+            images = generate_with_users(pipe, prompts, seeds, mixture=mixture, space=space, **GENERATION)
+        else:
+            images = [None] * len(prompts)
+            for d, mix in enumerate(draws):
+                idx = list(range(d, len(prompts), len(draws)))
+                made = generate_with_users(pipe, [prompts[i] for i in idx], [seeds[i] for i in idx], mixture=mix,
+                                           space=space, **GENERATION)
+                for i, im in zip(idx, made):
+                    images[i] = im
         r = {u.name: u.reward(images) for u in users}
         if is_toy:
             try:
@@ -127,11 +141,14 @@ def main(argv=None) -> int:
     table, _ = load_user_embeddings(run)
     encoder = build_user_encoder(spec.encoder)
     tokens = {u.name: user_tokens(pipe.unet, table[u.name].mean(0)) for u in TRAIN_USERS}  # as the CLI does
-    tokens.update({name: user_tokens(pipe.unet, encoder.encode(load_examples(f))) for name, f in heldout_files.items()})
+    heldout_tokens = {name: [user_tokens(pipe.unet, encoder.encode(load_examples(f))) for f in files]
+                      for name, files in heldout_files.items()}
     if has_lora:
         columns[NO_USER] = score()  # the trained model without a user (LoRA on, branch off)
     for name, tok in tokens.items():
         columns[name] = score([(1.0, tok)])
+    for name, toks in heldout_tokens.items():
+        columns[name] = score(draws=[[(1.0, tok)] for tok in toks])
     interp = {"embedding": {}, "prediction": {}}
     a_user, b_user = "big", "small"
     for alpha in ALPHAS:
@@ -152,7 +169,7 @@ def main(argv=None) -> int:
         row = [columns[c][u.name].mean() for c in col_names]
         best = int(np.argmax(row))
         cells = [f"**{v:+.4f}**" if i == best else f"{v:+.4f}" for i, v in enumerate(row)]
-        held = " (held out, 4 examples)" if u in HELDOUT_USERS else ""
+        held = f" (held out, {o['examples']} examples)" if u in HELDOUT_USERS else ""
         lines.append(f"| {u.name} ({u.angle:.0f}°){held} | {' | '.join(cells)} |")
         own = columns[u.name][u.name]
         others = {c: columns[c][u.name] for c in col_names if c != u.name}
@@ -195,6 +212,7 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     text = (f"{table_md}\n\n{interp_md}\n\nseed {args.seed}; {len(prompts)} images per column "
             f"({len(eval_prompts)} held-out prompts x {o['eval_seeds']} seeds {seeds[0]}..{seeds[-1]}); "
+            f"held-out users averaged over {o['draws']} disjoint draws of {o['examples']} examples; "
             f"base {'assets/toy-sd' if is_toy else 'RANDOM tiny model'}; "
             f"wall time {timings['total_s']:.0f} s, CPU time {timings['cpu_s']:.0f} s "
             f"({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})\n")

@@ -9,23 +9,36 @@ border; :func:`diffalign.personalization.user_encoder.saliency_maps`), whatever 
     a(x) = (|F| / HW - 0.25) / 0.15 \quad(\text{big} \leftrightarrow \text{small}), \qquad
     c(x) = (0.2 - \lVert \bar{p}_F - p_0 \rVert / W) / 0.1 \quad(\text{centred} \leftrightarrow \text{off-centre})
 
-(``p̄_F``: centroid of the foreground pixels, ``p_0`` the image centre, ``c = 0`` for an empty mask; the offsets and
-scales give both about unit spread on the shapes world, whose shapes have diameters of 12-24 px at uniform positions).
-User ``θ`` (an angle in that plane) has the reward ``r_θ(x) = cos θ · a(x) + sin θ · c(x)``. The four training users
-(:data:`TRAIN_USERS`) sit at 0° (big), 90° (centred), 180° (small) and 270° (off-centre): opposite users have exactly
-opposite rewards, so one pair of images gets opposite labels from them. Held-out users (:data:`HELDOUT_USERS`, between two
-training users) are never trained on; PPD serves them from 4 examples.
+(``p̄_F``: centroid of the foreground pixels, ``p_0`` the image centre, ``c = 0`` for an empty mask). On a 32 px
+canvas the two are correlated (a big shape cannot sit near an edge: between two samples of one prompt, Δa and Δc
+correlate at 0.43), so a taste for "centred" would mostly be a taste for "big". The users' axes are therefore
+**whitened over pair differences** (two base samples of one prompt, the pairs users label):
+
+.. math::
+
+    z_1(x) = a(x) / s_a, \qquad z_2(x) = (c(x) - k\,a(x)) / s_c
+
+with ``s_a`` the standard deviation of Δa, ``k`` the slope of Δc on Δa and ``s_c`` the standard deviation of the
+residual (:data:`TASTE_WHITENING`, measured by :func:`fit_taste_whitening` on 400 pairs of ``assets/toy-sd``:
+``python -m diffalign.personalization.toy fit-axes``). Over those pairs Δz has identity covariance: "bigger" and
+"more centred than its size explains" are independent tastes of equal spread. User ``θ`` (an angle in that plane)
+has the reward ``r_θ(x) = cos θ · z_1(x) + sin θ · z_2(x)``. The four training users (:data:`TRAIN_USERS`) sit at 0°
+(big), 90° (centred), 180° (small) and 270° (off-centre): opposite users have exactly opposite rewards, so one pair
+of images gets opposite labels from them. Held-out users (:data:`HELDOUT_USERS`, halfway between two training users)
+are never trained on; PPD serves them from 4 examples. Because the axes are whitened, the mean preference direction
+of a user's decisive pairs (what an encoder can read from examples) points along the user's own ``θ``.
 
 Layout is what the toy base model varies freely for any prompt (the shapes world draws sizes and positions
 uniformly), so each user's taste can be met on every prompt; one PPD model has to learn from the user's embedding
-which way to move. (Colour tastes would not do: a toy prompt fixes both colours. A left/right taste was tried first
-and barely learned: the user branch acts through cross-attention at 4x4 latent resolution, where the U-Net has
-little left/right information, while size and centredness are symmetric.)
+which way to move. (Colour tastes would not do: a toy prompt fixes both colours.) Measured on ``assets/toy-sd``
+(docs/ppd.md): the size axis is learned, centredness beyond size is not (nor were left/right, foreground or
+background lightness): the toy U-Net's cross-attention, where the user branch sits, is at 4x4 latent resolution only.
 
 The base model is ``assets/toy-sd`` when it exists (:func:`toy_base_model`); otherwise a random tiny SD pipeline
 (:mod:`diffalign.models.tiny`) whose blob-like samples still vary in layout, enough to exercise the code.
 
     python -m diffalign.personalization.toy make-pairs --out runs/ppd-toy/pairs      # data for configs/toy_ppd.yaml
+    python -m diffalign.personalization.toy fit-axes                                 # re-measure TASTE_WHITENING
 """
 
 from __future__ import annotations
@@ -44,6 +57,9 @@ TASTE_FEATURES = ("area", "centredness")
 FOREGROUND_THRESHOLD = 0.2  # saliency (RGB distance / √3); the toy palette's colours are >= 0.25 apart
 # Sampling defaults of the toy pipeline (diffalign.toy.components): 20 DDIM steps, CFG 5.
 GENERATION = {"num_inference_steps": 20, "guidance_scale": 5.0}
+# (s_a, k, s_c) of the module doc, from `python -m diffalign.personalization.toy fit-axes` (400 pairs, seed 0, of
+# assets/toy-sd on the training prompts). Re-measure when the base model changes.
+TASTE_WHITENING = (0.4304, 0.9448, 0.8442)
 FALLBACK_PROMPTS = [f"a {c} {s} on a {b} background" for c, b in (("red", "blue"), ("blue", "yellow"),
                                                                    ("green", "purple"), ("yellow", "white"))
                     for s in ("circle", "square")]
@@ -62,9 +78,25 @@ def layout_features(images) -> np.ndarray:
     return np.stack([(area - 0.25) / 0.15, centred], axis=1)
 
 
+def taste_axes(images, whitening: tuple[float, float, float] = TASTE_WHITENING) -> np.ndarray:
+    """(N, 2): the whitened taste coordinates ``z_1`` (size), ``z_2`` (centredness beyond size) of the module doc."""
+    s_a, k, s_c = whitening
+    f = layout_features(images)
+    return np.stack([f[:, 0] / s_a, (f[:, 1] - k * f[:, 0]) / s_c], axis=1)
+
+
+def fit_taste_whitening(features_0: np.ndarray, features_1: np.ndarray) -> tuple[float, float, float]:
+    """``(s_a, k, s_c)`` from the layout features (N, 2) of the two images of N pairs: with ``Δ = f_0 - f_1``
+    (zero-mean by symmetry), ``s_a² = E[Δa²]``, ``k = E[Δa Δc] / E[Δa²]``, ``s_c² = E[(Δc - k Δa)²]``."""
+    d = np.asarray(features_0, np.float64) - np.asarray(features_1, np.float64)
+    var_a = float(np.mean(d[:, 0] ** 2))
+    k = float(np.mean(d[:, 0] * d[:, 1]) / var_a)
+    return math.sqrt(var_a), k, float(np.sqrt(np.mean((d[:, 1] - k * d[:, 0]) ** 2)))
+
+
 @dataclass(frozen=True)
 class ToyUser:
-    """A user who likes layout direction ``angle`` (degrees): ``reward = cos·area + sin·centredness``."""
+    """A user who likes taste direction ``angle`` (degrees): ``reward = cos·z_1 + sin·z_2`` (:func:`taste_axes`)."""
 
     name: str
     angle: float
@@ -76,7 +108,7 @@ class ToyUser:
 
     def reward(self, images) -> np.ndarray:
         """(N,) float64."""
-        return layout_features(images) @ self.direction
+        return taste_axes(images) @ self.direction
 
 
 TRAIN_USERS = (ToyUser("big", 0.0), ToyUser("centred", 90.0), ToyUser("small", 180.0), ToyUser("off-centre", 270.0))
@@ -172,11 +204,12 @@ def write_pairs(columns: dict[str, list], out_dir: str | Path) -> Path:
     return path
 
 
-def user_examples(pairs: ImagePairs, user: ToyUser, n: int = 4, *, tie_margin: float = 0.01):
-    """The first ``n`` pairs the user is not indifferent about, as few-shot examples (chosen first)."""
+def user_examples(pairs: ImagePairs, user: ToyUser, n: int = 4, *, draw: int = 0, tie_margin: float = 0.01):
+    """``n`` pairs the user is not indifferent about, as few-shot examples (chosen first): the ``draw``-th group of
+    ``n`` such pairs in order (draws are disjoint)."""
     r0, r1 = user.reward(pairs.images_0), user.reward(pairs.images_1)
     out = []
-    for k in np.flatnonzero(np.abs(r0 - r1) > tie_margin)[:n]:
+    for k in np.flatnonzero(np.abs(r0 - r1) > tie_margin)[draw * n:(draw + 1) * n]:
         w, l = (pairs.images_0[k], pairs.images_1[k]) if r0[k] > r1[k] else (pairs.images_1[k], pairs.images_0[k])
         out.append(PreferenceExample(pairs.captions[k], w, l))
     if len(out) < n:
@@ -202,9 +235,18 @@ def main(argv: list[str] | None = None) -> int:
     mk.add_argument("--model", help="base pipeline (default: assets/toy-sd, else a random tiny one)")
     mk.add_argument("--n-pairs", type=int, default=300)
     mk.add_argument("--seed", type=int, default=0)
+    fit = sub.add_parser("fit-axes", help="measure TASTE_WHITENING on base-model pairs of the training prompts")
+    fit.add_argument("--model", help="base pipeline (default: assets/toy-sd, else a random tiny one)")
+    fit.add_argument("--n-pairs", type=int, default=400)
+    fit.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    model = args.model or toy_base_model(Path(args.out).parent)[0]
     train, _ = toy_prompts()
+    if args.command == "fit-axes":
+        pairs = sample_pairs(load_pipeline(args.model or toy_base_model(".")[0]), train, args.n_pairs, seed=args.seed)
+        whitening = fit_taste_whitening(layout_features(pairs.images_0), layout_features(pairs.images_1))
+        print(json.dumps({"TASTE_WHITENING": [round(v, 4) for v in whitening], "n_pairs": args.n_pairs}))
+        return 0
+    model = args.model or toy_base_model(Path(args.out).parent)[0]
     pairs = sample_pairs(load_pipeline(model), train, args.n_pairs, seed=args.seed)
     cols = label_pairs(pairs, TRAIN_USERS)
     path = write_pairs(cols, args.out)

@@ -1,4 +1,4 @@
-"""The toy multi-user world: hue tastes, conflicting labels on the same pairs, a dataset the trainer reads."""
+"""The toy multi-user world: layout tastes on whitened axes, conflicting labels on the same pairs, a dataset the trainer reads."""
 
 import numpy as np
 import pytest
@@ -6,11 +6,14 @@ from PIL import Image
 
 from diffalign.personalization.toy import (
     HELDOUT_USERS,
+    TASTE_WHITENING,
     TRAIN_USERS,
     ImagePairs,
     ToyUser,
+    fit_taste_whitening,
     label_pairs,
     layout_features,
+    taste_axes,
     user_examples,
     write_pairs,
 )
@@ -38,12 +41,35 @@ def test_layout_features_by_hand():
     np.testing.assert_allclose(f[2], [-0.25 / 0.15, 0.0])  # nothing on the canvas
 
 
+def test_taste_axes_by_hand():
+    images = [square(4, 10, 8), square(12, 2, 16, fg=YELLOW, bg=RED)]
+    (a0, c0), (a1, c1) = layout_features(images)
+    s_a, k, s_c = TASTE_WHITENING
+    np.testing.assert_allclose(taste_axes(images), [[a0 / s_a, (c0 - k * a0) / s_c], [a1 / s_a, (c1 - k * a1) / s_c]])
+
+
+def test_fit_taste_whitening_matches_a_cholesky_whitening():
+    """(s_a, k, s_c) are the entries of the Cholesky factor L of E[ΔΔᵀ] (L = [[s_a, 0], [k s_a, s_c]]), and the
+    whitened pair differences have identity second moments."""
+    rng = np.random.default_rng(0)
+    f0 = rng.normal(size=(500, 2)) @ np.array([[0.4, 0.3], [0.0, 0.8]])
+    f1 = rng.normal(size=(500, 2)) @ np.array([[0.4, 0.3], [0.0, 0.8]])
+    s_a, k, s_c = fit_taste_whitening(f0, f1)
+    d = f0 - f1
+    chol = np.linalg.cholesky(d.T @ d / len(d))
+    np.testing.assert_allclose([s_a, k * s_a, s_c], [chol[0, 0], chol[1, 0], chol[1, 1]], rtol=1e-10)
+    z = np.stack([d[:, 0] / s_a, (d[:, 1] - k * d[:, 0]) / s_c], 1)
+    np.testing.assert_allclose(z.T @ z / len(z), np.eye(2), atol=1e-10)
+
+
 def test_user_rewards():
-    images = [square(2, 2, 20), square(24, 10, 6), square(13, 13, 6)]  # big, small off-centre, small centred
+    # same-size squares: centred vs. off-centre; then a big and a small one at the same centre
+    images = [square(13, 13, 6), square(24, 10, 6), square(6, 6, 20), square(13, 13, 6, fg=YELLOW)]
     users = {u.name: u for u in TRAIN_USERS}
     r = {n: u.reward(images) for n, u in users.items()}
-    assert r["big"].argmax() == 0 and r["small"].argmin() == 0
-    assert r["centred"].argmax() == 2 and r["off-centre"].argmax() == 1
+    assert r["centred"][0] > r["centred"][1] and r["off-centre"][1] > r["off-centre"][0]
+    assert r["big"][2] > r["big"][3] and r["small"][3] > r["small"][2]
+    assert r["big"][0] == r["big"][1]  # same area: the size axis does not care where the shape is
     np.testing.assert_allclose(r["big"], -r["small"])  # opposite users, opposite rewards
     np.testing.assert_allclose(r["centred"], -r["off-centre"])
     np.testing.assert_allclose(ToyUser("x", 45).reward(images), (r["big"] + r["centred"]) / 2 ** 0.5)
@@ -65,6 +91,8 @@ def test_opposite_users_label_the_same_pairs_oppositely(tmp_path):
     assert len(ds) == len(cols["user_id"]) and list(ds.ds["user_id"]) == cols["user_id"]
     ex = user_examples(pairs, TRAIN_USERS[0], n=2)
     assert ex[0].chosen is big and ex[1].chosen is big
+    (second,) = user_examples(pairs, TRAIN_USERS[0], n=1, draw=1)  # the next decisive pair, not the first again
+    assert second.chosen is big and second.rejected is ex[1].rejected
     with pytest.raises(ValueError, match="decisive"):
         user_examples(pairs, TRAIN_USERS[0], n=3)
 
