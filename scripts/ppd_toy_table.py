@@ -3,12 +3,13 @@
     python scripts/ppd_toy_table.py --out runs/ppd-toy            # ~10 min on 2 CPU cores
     python scripts/ppd_toy_table.py --quick --out /tmp/ppd-quick   # smoke run, ~1-2 min
 
-1. Base model: ``assets/toy-sd`` (the shapes world) when present, else a random tiny SD pipeline (numbers are then
+1. Base model: ``assets/toy-sd-ppd`` (the shapes world, cross-attention at 8x8 too) when present, else
+   ``assets/toy-sd``, else a random tiny SD pipeline (numbers are then
    only a smoke test).
 2. Data: ``--pool`` pairs of base samples on the TRAIN prompts; each of the four training users (big, centred, small,
    off-centre; :mod:`diffalign.personalization.toy`) labels every pair with their own layout reward: opposite users give
    opposite labels to the same pair. A Pick-a-Pic-schema parquet with ``user_id``.
-3. Train one PPD model on all users with ``configs/toy_ppd.yaml`` (objective ``ppd``, mean-colour user encoder,
+3. Train one PPD model on all users with ``configs/toy_ppd.yaml`` (objective ``ppd``, saliency-pixel user encoder,
    user branch + LoRA), its model/data/output paths and seed overridden.
 4. Evaluate on the HELD-OUT prompts, the same seeds for every column: no user (base), each training user's cached
    embedding, and two held-out users (big-centred 45°, small-centred 135°; never trained on) each served from 4 fresh
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -51,6 +53,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", help="base pipeline folder (default: assets/toy-sd, else a random tiny one)")
     p.add_argument("--quick", action="store_true", help="tiny settings: checks the script runs, numbers meaningless")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="training overrides on top of configs/toy_ppd.yaml, e.g. objective.example_sets=16")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 is fastest for these tiny models on a busy machine (2 threads spin on "
                         "contended cores)")
@@ -93,7 +97,7 @@ def main(argv=None) -> int:
     t1 = time.time()
     run = out / "run"
     overrides = [f"model.pretrained={model}", f"dataset.source={pairs_path.parent}", f"output_dir={run}",
-                 f"seed={args.seed}", f"objective.num_examples={o['examples']}", *(QUICK_OVERRIDES if args.quick else [])]
+                 f"seed={args.seed}", f"objective.num_examples={o['examples']}", *(QUICK_OVERRIDES if args.quick else []), *args.set]
     cfg = load_config(CONFIG, overrides)
     trainer = PersonalizedTrainer(cfg).setup(overwrite=True)
     summary = trainer.train()
@@ -213,7 +217,7 @@ def main(argv=None) -> int:
     text = (f"{table_md}\n\n{interp_md}\n\nseed {args.seed}; {len(prompts)} images per column "
             f"({len(eval_prompts)} held-out prompts x {o['eval_seeds']} seeds {seeds[0]}..{seeds[-1]}); "
             f"held-out users averaged over {o['draws']} disjoint draws of {o['examples']} examples; "
-            f"base {'assets/toy-sd' if is_toy else 'RANDOM tiny model'}; "
+            f"base {os.path.relpath(model) if is_toy else 'RANDOM tiny model'}; "
             f"wall time {timings['total_s']:.0f} s, CPU time {timings['cpu_s']:.0f} s "
             f"({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})\n")
     (out / "table.md").write_text(text)

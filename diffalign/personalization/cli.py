@@ -184,7 +184,7 @@ def load_personalized_pipeline(model: str, run_dir: str, *, branch_dir: str | No
 EPILOG = """examples:
   diffalign personalize --model stable-diffusion-v1-5/stable-diffusion-v1-5 --lora runs/sd15-ppd \\
       --user-examples me.jsonl --prompt "a cat in a garden" --out out/me
-  diffalign personalize --model assets/toy-sd --lora runs/ppd-toy --user-mix big:0.3,small:0.7 \\
+  diffalign personalize --model assets/toy-sd-ppd --lora runs/ppd-toy/run --user-mix big:0.3,small:0.7 \\
       --prompt "a red circle on a blue background" --out out/mix --guidance 5 --steps 20
 """
 

@@ -19,7 +19,7 @@ correlate at 0.43), so a taste for "centred" would mostly be a taste for "big". 
     z_1(x) = a(x) / s_a, \qquad z_2(x) = (c(x) - k\,a(x)) / s_c
 
 with ``s_a`` the standard deviation of Δa, ``k`` the slope of Δc on Δa and ``s_c`` the standard deviation of the
-residual (:data:`TASTE_WHITENING`, measured by :func:`fit_taste_whitening` on 400 pairs of ``assets/toy-sd``:
+residual (:data:`TASTE_WHITENING`, measured by :func:`fit_taste_whitening` on 400 pairs of the base model:
 ``python -m diffalign.personalization.toy fit-axes``). Over those pairs Δz has identity covariance: "bigger" and
 "more centred than its size explains" are independent tastes of equal spread. User ``θ`` (an angle in that plane)
 has the reward ``r_θ(x) = cos θ · z_1(x) + sin θ · z_2(x)``. The four training users (:data:`TRAIN_USERS`) sit at 0°
@@ -30,11 +30,13 @@ of a user's decisive pairs (what an encoder can read from examples) points along
 
 Layout is what the toy base model varies freely for any prompt (the shapes world draws sizes and positions
 uniformly), so each user's taste can be met on every prompt; one PPD model has to learn from the user's embedding
-which way to move. (Colour tastes would not do: a toy prompt fixes both colours.) Measured on ``assets/toy-sd``
-(docs/ppd.md): the size axis is learned, centredness beyond size is not (nor were left/right, foreground or
-background lightness): the toy U-Net's cross-attention, where the user branch sits, is at 4x4 latent resolution only.
+which way to move. (Colour tastes would not do: a toy prompt fixes both colours.)
 
-The base model is ``assets/toy-sd`` when it exists (:func:`toy_base_model`); otherwise a random tiny SD pipeline
+**Base model**: ``assets/toy-sd-ppd`` (:data:`TOY_MODEL_DIR`), the shapes-world pipeline pretrained by the same
+script with cross-attention at the 8x8 latent level too (``python -m diffalign.toy pretrain --out assets/toy-sd-ppd
+--seed 0 --threads 1 --unet-down-block-types CrossAttnDownBlock2D CrossAttnDownBlock2D``). The user branch sits next to
+every text cross-attention; on ``assets/toy-sd`` (cross-attention at 4x4 only) PPD learned the size axis and not
+centredness, here both (docs/ppd.md). Without it, ``assets/toy-sd``; without that, a random tiny SD pipeline
 (:mod:`diffalign.models.tiny`) whose blob-like samples still vary in layout, enough to exercise the code.
 
     python -m diffalign.personalization.toy make-pairs --out runs/ppd-toy/pairs      # data for configs/toy_ppd.yaml
@@ -52,14 +54,15 @@ import numpy as np
 
 from .user_encoder import PreferenceExample, saliency_maps
 
-TOY_MODEL_DIR = Path(__file__).resolve().parents[2] / "assets" / "toy-sd"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+TOY_MODEL_DIR = ASSETS / "toy-sd-ppd"  # the PPD base (module doc); falls back to the demo's assets/toy-sd
 TASTE_FEATURES = ("area", "centredness")
 FOREGROUND_THRESHOLD = 0.2  # saliency (RGB distance / √3); the toy palette's colours are >= 0.25 apart
 # Sampling defaults of the toy pipeline (diffalign.toy.components): 20 DDIM steps, CFG 5.
 GENERATION = {"num_inference_steps": 20, "guidance_scale": 5.0}
 # (s_a, k, s_c) of the module doc, from `python -m diffalign.personalization.toy fit-axes` (400 pairs, seed 0, of
-# assets/toy-sd on the training prompts). Re-measure when the base model changes.
-TASTE_WHITENING = (0.4304, 0.9448, 0.8442)
+# assets/toy-sd-ppd on the training prompts). Re-measure when the base model changes.
+TASTE_WHITENING = (0.4526, 0.6725, 0.8407)
 FALLBACK_PROMPTS = [f"a {c} {s} on a {b} background" for c, b in (("red", "blue"), ("blue", "yellow"),
                                                                    ("green", "purple"), ("yellow", "white"))
                     for s in ("circle", "square")]
@@ -127,10 +130,11 @@ def toy_prompts() -> tuple[list[str], list[str]]:
 
 
 def toy_base_model(cache_dir: str | Path | None = None) -> tuple[str, bool]:
-    """``(folder, is_toy)``: ``assets/toy-sd`` if it holds a pipeline, else a random tiny SD1.5 pipeline written
-    to ``cache_dir`` (``is_toy`` False)."""
-    if (TOY_MODEL_DIR / "model_index.json").is_file():
-        return str(TOY_MODEL_DIR), True
+    """``(folder, is_toy)``: ``assets/toy-sd-ppd``, else ``assets/toy-sd``, whichever holds a pipeline first; else a
+    random tiny SD1.5 pipeline written to ``cache_dir`` (``is_toy`` False)."""
+    for folder in (TOY_MODEL_DIR, ASSETS / "toy-sd"):
+        if (folder / "model_index.json").is_file():
+            return str(folder), True
     from ..models.tiny import save_tiny_pipeline
 
     path = Path(cache_dir or ".") / "tiny-sd15-random"
@@ -232,11 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     mk = sub.add_parser("make-pairs", help="sample base pairs, label them by every training user")
     mk.add_argument("--out", required=True)
-    mk.add_argument("--model", help="base pipeline (default: assets/toy-sd, else a random tiny one)")
+    mk.add_argument("--model", help="base pipeline (default: assets/toy-sd-ppd, else a random tiny one)")
     mk.add_argument("--n-pairs", type=int, default=300)
     mk.add_argument("--seed", type=int, default=0)
     fit = sub.add_parser("fit-axes", help="measure TASTE_WHITENING on base-model pairs of the training prompts")
-    fit.add_argument("--model", help="base pipeline (default: assets/toy-sd, else a random tiny one)")
+    fit.add_argument("--model", help="base pipeline (default: assets/toy-sd-ppd, else a random tiny one)")
     fit.add_argument("--n-pairs", type=int, default=400)
     fit.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

@@ -336,6 +336,15 @@ def load_report(model_dir: str | Path) -> dict:
     return json.loads((Path(model_dir) / REPORT_NAME).read_text())
 
 
+def config_from_args(args) -> PretrainConfig:
+    """The :class:`PretrainConfig` the command line asks for: defaults unless a flag is given."""
+    overrides = {k: v for k, v in (("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps),
+                                   ("n_images", args.n_images)) if v is not None}
+    if args.unet_down_block_types:
+        overrides["model"] = ToyModelConfig(unet_down_block_types=tuple(args.unet_down_block_types))
+    return PretrainConfig(seed=args.seed, **overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -346,14 +355,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-steps", type=int, default=None)
     p.add_argument("--unet-steps", type=int, default=None)
     p.add_argument("--n-images", type=int, default=None)
+    p.add_argument("--unet-down-block-types", nargs="+", default=None, metavar="BLOCK",
+                   help="U-Net down blocks, highest resolution first (default: DownBlock2D CrossAttnDownBlock2D; the "
+                        "PPD toy base adds cross-attention at 8x8: CrossAttnDownBlock2D CrossAttnDownBlock2D)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {k: v for k, v in (("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps),
-                                   ("n_images", args.n_images)) if v is not None}
-    cfg = PretrainConfig(seed=args.seed, **overrides)
-    report = pretrain(cfg, args.out, progress=not args.no_progress)
+    report = pretrain(config_from_args(args), args.out, progress=not args.no_progress)
     report.pop("pipeline")
     q = report["quality"]
     print(json.dumps({"wall_time_s": report["wall_time_s"], "vae_recon_mse": q["vae_recon_mse"],

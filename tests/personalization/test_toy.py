@@ -7,6 +7,7 @@ from PIL import Image
 from diffalign.personalization.toy import (
     HELDOUT_USERS,
     TASTE_WHITENING,
+    TOY_MODEL_DIR,
     TRAIN_USERS,
     ImagePairs,
     ToyUser,
@@ -14,6 +15,7 @@ from diffalign.personalization.toy import (
     label_pairs,
     layout_features,
     taste_axes,
+    toy_base_model,
     user_examples,
     write_pairs,
 )
@@ -60,6 +62,23 @@ def test_fit_taste_whitening_matches_a_cholesky_whitening():
     np.testing.assert_allclose([s_a, k * s_a, s_c], [chol[0, 0], chol[1, 0], chol[1, 1]], rtol=1e-10)
     z = np.stack([d[:, 0] / s_a, (d[:, 1] - k * d[:, 0]) / s_c], 1)
     np.testing.assert_allclose(z.T @ z / len(z), np.eye(2), atol=1e-10)
+
+
+@pytest.mark.skipif(not (TOY_MODEL_DIR / "model_index.json").is_file(), reason="assets/toy-sd-ppd not shipped")
+def test_ppd_base_is_what_the_documented_pretrain_command_makes():
+    """assets/toy-sd-ppd: `python -m diffalign.toy pretrain ... --unet-down-block-types CrossAttnDownBlock2D
+    CrossAttnDownBlock2D` (module doc): the report's config is that command's, the U-Net has cross-attention at 8x8."""
+    import argparse
+    import json
+
+    from diffalign.toy import pretrain
+
+    blocks = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    args = argparse.Namespace(seed=0, vae_steps=None, unet_steps=None, n_images=None, unet_down_block_types=blocks)
+    assert pretrain.load_report(TOY_MODEL_DIR)["config"] == pretrain.config_from_args(args).to_dict()
+    unet = json.loads((TOY_MODEL_DIR / "unet" / "config.json").read_text())
+    assert unet["down_block_types"] == blocks and unet["up_block_types"] == ["CrossAttnUpBlock2D"] * 2
+    assert toy_base_model()[0] == str(TOY_MODEL_DIR)
 
 
 def test_user_rewards():

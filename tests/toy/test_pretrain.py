@@ -37,6 +37,26 @@ def test_config_validation():
     assert pretrain.PretrainConfig(**{**cfg.to_dict(), "model": cfg.model.to_dict()}).to_dict() == cfg.to_dict()
 
 
+def test_cli_unet_blocks_flag_adds_cross_attention_at_8x8():
+    import argparse
+
+    from diffalign.toy.components import build_components
+
+    base = {"seed": 0, "vae_steps": None, "unet_steps": None, "n_images": None}
+    default = pretrain.config_from_args(argparse.Namespace(**base, unet_down_block_types=None))
+    assert default.to_dict() == pretrain.PretrainConfig().to_dict()
+    blocks = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    cfg = pretrain.config_from_args(argparse.Namespace(**base, unet_down_block_types=blocks))
+    unet = build_components(cfg.model, seed=0)["unet"]
+    assert list(unet.config.down_block_types) == blocks
+    assert list(unet.config.up_block_types) == ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+    # cross-attention now at the 8x8 level too: attn2 modules in the first down block and the last up block
+    assert any(n.endswith("attn2") for n, _ in unet.down_blocks[0].named_modules())
+    assert any(n.endswith("attn2") for n, _ in unet.up_blocks[-1].named_modules())
+    default_unet = build_components(default.model, seed=0)["unet"]
+    assert not any(n.endswith("attn2") for n, _ in default_unet.down_blocks[0].named_modules())
+
+
 # Stated in assets/README.md: a rerun of the default pretraining lands within these bounds of the shipped report.
 REPRO_BOUNDS = {"vae_recon_mse": 0.002, "train.match": 0.10, "heldout.match": 0.15, "train.reward": 0.10}
 
