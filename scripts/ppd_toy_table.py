@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     t1 = time.time()
     run = out / "run"
     overrides = [f"model.pretrained={model}", f"dataset.source={pairs_path.parent}", f"output_dir={run}",
-                 f"seed={args.seed}", f"objective.num_examples={o['examples']}", *(QUICK_OVERRIDES if args.quick else []), *args.set]
+                 f"seed={args.seed}", f"objective.num_examples={o['examples']}", *(QUICK_OVERRIDES if args.quick else []),
+                 *args.set]
     cfg = load_config(CONFIG, overrides)
     trainer = PersonalizedTrainer(cfg).setup(overwrite=True)
     summary = trainer.train()
@@ -114,19 +115,16 @@ def main(argv=None) -> int:
     seeds = [10_000_000 + 1000 * args.seed + k for k in range(len(prompts))]
     users = list(TRAIN_USERS) + list(HELDOUT_USERS)
 
-    def score(mixture=None, space="embedding", draws=None):
-        """Every user's reward of the column's images; ``draws``: one mixture per example draw instead of
-        ``mixture`` (image i made with draw i mod len(draws))."""
-        if draws is None:
-            images = generate_with_users(pipe, prompts, seeds, mixture=mixture, space=space, **GENERATION)
-        else:
-            images = [None] * len(prompts)
-            for d, mix in enumerate(draws):
-                idx = list(range(d, len(prompts), len(draws)))
-                made = generate_with_users(pipe, [prompts[i] for i in idx], [seeds[i] for i in idx], mixture=mix,
-                                           space=space, **GENERATION)
-                for i, im in zip(idx, made):
-                    images[i] = im
+    def score(mixtures=(None,), space="embedding"):
+        """Every user's reward of the column's images; image i made with ``mixtures[i mod len(mixtures)]`` (one
+        mixture per example draw; ``None``: no user)."""
+        images = [None] * len(prompts)
+        for d, mix in enumerate(mixtures):
+            idx = list(range(d, len(prompts), len(mixtures)))
+            made = generate_with_users(pipe, [prompts[i] for i in idx], [seeds[i] for i in idx], mixture=mix,
+                                       space=space, **GENERATION)
+            for i, im in zip(idx, made):
+                images[i] = im
         r = {u.name: u.reward(images) for u in users}
         if is_toy:
             try:
@@ -150,9 +148,9 @@ def main(argv=None) -> int:
     if has_lora:
         columns[NO_USER] = score()  # the trained model without a user (LoRA on, branch off)
     for name, tok in tokens.items():
-        columns[name] = score([(1.0, tok)])
+        columns[name] = score([[(1.0, tok)]])
     for name, toks in heldout_tokens.items():
-        columns[name] = score(draws=[[(1.0, tok)] for tok in toks])
+        columns[name] = score([[(1.0, tok)] for tok in toks])
     interp = {"embedding": {}, "prediction": {}}
     a_user, b_user = "big", "small"
     for alpha in ALPHAS:
@@ -160,7 +158,7 @@ def main(argv=None) -> int:
             if alpha in (0.0, 1.0):
                 interp[space][alpha] = columns[a_user if alpha == 0.0 else b_user]
             else:
-                interp[space][alpha] = score([(1 - alpha, tokens[a_user]), (alpha, tokens[b_user])], space)
+                interp[space][alpha] = score([[(1 - alpha, tokens[a_user]), (alpha, tokens[b_user])]], space)
     timings["eval_s"] = time.time() - t2
     timings["total_s"] = time.time() - t0
     timings["cpu_s"] = time.process_time() - c0
