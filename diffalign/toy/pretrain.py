@@ -56,6 +56,10 @@ class PretrainConfig:
     model: ToyModelConfig = field(default_factory=ToyModelConfig)
     # Data.
     n_images: int = field(default=20_000, metadata={"help": "Rendered TRAIN-prompt images shared by both stages."})
+    aspect_jitter: float = field(default=0.0, metadata={
+        "help": "Elongation jitter A of the rendered shapes, α ~ U[-A, A] (diffalign.toy.shapes); 0: as wide as tall."})
+    shade_jitter: float = field(default=0.0, metadata={
+        "help": "Shade jitter L of the shapes' fill, λ ~ U[-L, L] (diffalign.toy.shapes); 0: the palette colour."})
     # VAE.
     vae_steps: int = field(default=600, metadata={"help": "VAE optimiser steps."})
     vae_batch_size: int = field(default=64, metadata={"help": "VAE batch size."})
@@ -243,7 +247,7 @@ def evaluate(pipe, cfg: PretrainConfig) -> dict:
     # VAE reconstruction on fresh renders of every prompt (seed offset keeps them out of the training set).
     prompts_all = train_prompts() + heldout_prompts()
     caps = sample_captions(len(prompts_all) * 4, cfg.seed + 1, prompts_all)
-    images, _ = render_batch(caps, cfg.seed + 1)
+    images, _ = render_batch(caps, cfg.seed + 1, cfg.aspect_jitter, cfg.shade_jitter)
     x = _to_model_range(images)
     recon = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
     recon01 = (recon + 1) / 2
@@ -278,7 +282,7 @@ def pretrain(
 
     prompts = train_prompts()
     captions = sample_captions(cfg.n_images, cfg.seed, prompts)
-    images, _ = render_batch(captions, cfg.seed)  # (N, 32, 32, 3) uint8
+    images, _ = render_batch(captions, cfg.seed, cfg.aspect_jitter, cfg.shade_jitter)  # (N, 32, 32, 3) uint8
     lookup = {p: i for i, p in enumerate(prompts)}
     prompt_index = torch.tensor([lookup[c] for c in captions])
     prompt_ids = tokenizer(
@@ -339,7 +343,9 @@ def load_report(model_dir: str | Path) -> dict:
 def config_from_args(args) -> PretrainConfig:
     """The :class:`PretrainConfig` the command line asks for: defaults unless a flag is given."""
     overrides = {k: v for k, v in (("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps),
-                                   ("n_images", args.n_images)) if v is not None}
+                                   ("n_images", args.n_images), ("aspect_jitter", args.aspect_jitter),
+                                   ("shade_jitter", getattr(args, "shade_jitter", None)))
+                 if v is not None}
     if args.unet_down_block_types:
         overrides["model"] = ToyModelConfig(unet_down_block_types=tuple(args.unet_down_block_types))
     return PretrainConfig(seed=args.seed, **overrides)
@@ -358,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unet-down-block-types", nargs="+", default=None, metavar="BLOCK",
                    help="U-Net down blocks, highest resolution first (default: DownBlock2D CrossAttnDownBlock2D; the "
                         "PPD toy base adds cross-attention at 8x8: CrossAttnDownBlock2D CrossAttnDownBlock2D)")
+    p.add_argument("--aspect-jitter", type=float, default=None, metavar="A",
+                   help="draw each shape's elongation log(w/h) from U[-A, A] (default 0)")
+    p.add_argument("--shade-jitter", type=float, default=None, metavar="L",
+                   help="shade each shape's colour by λ ~ U[-L, L] toward white (λ > 0) or black (default 0; the PPD "
+                        "toy base uses 0.3)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.threads:

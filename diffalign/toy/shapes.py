@@ -9,8 +9,14 @@ Prompts are split once, by hand, into TRAIN and HELD-OUT combinations (:data:`HE
 attributes in a held-out prompt (colour-shape, shape-background, colour-background) also occurs in training prompts,
 so a model that composes attributes can draw a held-out prompt it has never seen.
 
-Geometry (pixel units, origin at the top-left corner, continuous coordinates): a shape of half-extent ``s`` centred at
-``(cx, cy)`` fills the box ``[cx - s, cx + s] x [cy - s, cy + s]``:
+Geometry (pixel units, origin at the top-left corner, continuous coordinates): a shape of half-extent ``s`` and
+elongation ``α`` centred at ``(cx, cy)`` fills the box ``[cx - w, cx + w] x [cy - h, cy + h]`` with
+``w = s·e^{α/2}``, ``h = s·e^{-α/2}`` (``α > 0``: wide, ``α < 0``: tall; the box area ``4wh = 4s²`` does not depend on
+``α``). By default ``α = 0`` (squares, circles, isosceles triangles as tall as wide); ``aspect_jitter = A`` draws
+``α ~ U[-A, A]``. The fill is the caption's colour ``c`` shaded by ``λ``: ``c + λ(255 - c)`` (lighter) for
+``λ > 0``, ``(1 + λ) c`` (darker) for ``λ < 0``; by default ``λ = 0``, and ``shade_jitter = L`` draws
+``λ ~ U[-L, L]``. Both are free attributes beside size that, unlike position, a translation-equivariant U-Net could
+change; the PPD toy world (:mod:`diffalign.personalization.toy`) uses the shade:
 
 ==========  ===================================================  ==========================
 shape       region                                               area / box area
@@ -45,6 +51,10 @@ SHAPES = ("circle", "square", "triangle")
 # shape spans 3 latent pixels) cannot keep a triangle apart from a blob, so the toy VAE would fail the oracle.
 MIN_HALF_SIZE = 6.0
 MAX_HALF_SIZE = 12.0
+# Largest elongation jitter A: w = 12·e^{A/2} must fit in half the canvas (16 px).
+MAX_ASPECT_JITTER = 2 * float(np.log(IMAGE_SIZE / 2 / MAX_HALF_SIZE))
+# Largest shade jitter L: at 0.3 every shaded palette colour is still nearest to its own name (the oracle's test).
+MAX_SHADE_JITTER = 0.3
 
 CAPTION_TEMPLATE = "a {colour} {shape} on a {background} background"
 _CAPTION_RE = re.compile(r"^a (\w+) (\w+) on a (\w+) background$")
@@ -102,7 +112,8 @@ def heldout_prompts() -> list[str]:
 
 @dataclass(frozen=True)
 class ShapeSpec:
-    """One image: what the caption says plus the free attributes (size and position, in pixels)."""
+    """One image: what the caption says plus the free attributes (size, position in pixels; elongation ``aspect`` =
+    α and ``shade`` = λ of the module doc, 0 unless jittered)."""
 
     colour: str
     shape: str
@@ -110,18 +121,47 @@ class ShapeSpec:
     half_size: float
     cx: float
     cy: float
+    aspect: float = 0.0
+    shade: float = 0.0
 
     @property
     def caption(self) -> str:
         return make_caption(self.colour, self.shape, self.background)
 
+    @property
+    def fill(self) -> tuple[int, int, int]:
+        """The shape's RGB: the caption's colour shaded by λ (module doc)."""
+        c = np.array(COLOURS[self.colour], dtype=np.float64)
+        shaded = c + self.shade * (255.0 - c) if self.shade > 0 else (1.0 + self.shade) * c
+        return tuple(int(v) for v in np.round(shaded))
 
-def random_spec(rng: np.random.Generator, caption: str) -> ShapeSpec:
-    """Draw ``half_size ~ U[6, 12]`` px and a centre that keeps the whole shape inside the canvas."""
+    @property
+    def half_extents(self) -> tuple[float, float]:
+        """``(w, h)``: half-width and half-height in pixels."""
+        return self.half_size * float(np.exp(self.aspect / 2)), self.half_size * float(np.exp(-self.aspect / 2))
+
+
+def random_spec(rng: np.random.Generator, caption: str, aspect_jitter: float = 0.0,
+                shade_jitter: float = 0.0) -> ShapeSpec:
+    """Draw ``half_size ~ U[6, 12]`` px, with ``aspect_jitter`` A > 0 an elongation ``α ~ U[-A, A]``, and a centre
+    that keeps the whole shape inside the canvas; then, with ``shade_jitter`` L > 0, a shade ``λ ~ U[-L, L]``.
+    ``A = L = 0`` draws exactly what it always drew (same random stream)."""
     colour, shape, background = parse_caption(caption)
+    if not 0.0 <= aspect_jitter <= MAX_ASPECT_JITTER:
+        raise ValueError(f"aspect_jitter must be in [0, {MAX_ASPECT_JITTER:.3f}] (the shape must fit), got {aspect_jitter}")
+    if not 0.0 <= shade_jitter <= MAX_SHADE_JITTER:
+        raise ValueError(f"shade_jitter must be in [0, {MAX_SHADE_JITTER}] (colours must keep their names), "
+                         f"got {shade_jitter}")
     s = float(rng.uniform(MIN_HALF_SIZE, MAX_HALF_SIZE))
-    cx, cy = (float(v) for v in rng.uniform(s, IMAGE_SIZE - s, size=2))
-    return ShapeSpec(colour, shape, background, s, cx, cy)
+    if not aspect_jitter:
+        alpha = 0.0
+        cx, cy = (float(v) for v in rng.uniform(s, IMAGE_SIZE - s, size=2))
+    else:
+        alpha = float(rng.uniform(-aspect_jitter, aspect_jitter))
+        w, h = s * float(np.exp(alpha / 2)), s * float(np.exp(-alpha / 2))
+        cx, cy = float(rng.uniform(w, IMAGE_SIZE - w)), float(rng.uniform(h, IMAGE_SIZE - h))
+    shade = float(rng.uniform(-shade_jitter, shade_jitter)) if shade_jitter else 0.0
+    return ShapeSpec(colour, shape, background, s, cx, cy, alpha, shade)
 
 
 def render(spec: ShapeSpec, *, supersample: int = 4) -> Image.Image:
@@ -129,26 +169,29 @@ def render(spec: ShapeSpec, *, supersample: int = 4) -> Image.Image:
     k = supersample
     big = Image.new("RGB", (IMAGE_SIZE * k, IMAGE_SIZE * k), COLOURS[spec.background])
     draw = ImageDraw.Draw(big)
-    fill = COLOURS[spec.colour]
-    cx, cy, s = spec.cx * k, spec.cy * k, spec.half_size * k
+    fill = spec.fill
+    half_w, half_h = spec.half_extents
+    cx, cy, w, h = spec.cx * k, spec.cy * k, half_w * k, half_h * k
     if spec.shape == "circle":
-        draw.ellipse([cx - s, cy - s, cx + s, cy + s], fill=fill)
+        draw.ellipse([cx - w, cy - h, cx + w, cy + h], fill=fill)
     elif spec.shape == "square":
-        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+        draw.rectangle([cx - w, cy - h, cx + w, cy + h], fill=fill)
     elif spec.shape == "triangle":
-        draw.polygon([(cx, cy - s), (cx - s, cy + s), (cx + s, cy + s)], fill=fill)
+        draw.polygon([(cx, cy - h), (cx - w, cy + h), (cx + w, cy + h)], fill=fill)
     else:
         raise ValueError(f"shape must be one of {SHAPES}, got {spec.shape!r}")
     return big.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
 
 
-def render_batch(captions: list[str], seed: int) -> tuple[np.ndarray, list[ShapeSpec]]:
-    """Render one random image per caption. Deterministic in ``seed`` (numpy PCG64).
+def render_batch(captions: list[str], seed: int, aspect_jitter: float = 0.0,
+                 shade_jitter: float = 0.0) -> tuple[np.ndarray, list[ShapeSpec]]:
+    """Render one random image per caption (elongation and shade jitter: :func:`random_spec`).
+    Deterministic in ``seed`` (numpy PCG64).
 
     Returns ``images`` uint8 of shape (N, 32, 32, 3) and the specs that made them.
     """
     rng = np.random.default_rng(seed)
-    specs = [random_spec(rng, c) for c in captions]
+    specs = [random_spec(rng, c, aspect_jitter, shade_jitter) for c in captions]
     images = np.stack([np.asarray(render(spec)) for spec in specs])  # (N, H, W, 3)
     return images, specs
 

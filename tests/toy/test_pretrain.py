@@ -42,7 +42,7 @@ def test_cli_unet_blocks_flag_adds_cross_attention_at_8x8():
 
     from diffalign.toy.components import build_components
 
-    base = {"seed": 0, "vae_steps": None, "unet_steps": None, "n_images": None}
+    base = {"seed": 0, "vae_steps": None, "unet_steps": None, "n_images": None, "aspect_jitter": None}
     default = pretrain.config_from_args(argparse.Namespace(**base, unet_down_block_types=None))
     assert default.to_dict() == pretrain.PretrainConfig().to_dict()
     blocks = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
@@ -53,6 +53,8 @@ def test_cli_unet_blocks_flag_adds_cross_attention_at_8x8():
     # cross-attention now at the 8x8 level too: attn2 modules in the first down block and the last up block
     assert any(n.endswith("attn2") for n, _ in unet.down_blocks[0].named_modules())
     assert any(n.endswith("attn2") for n, _ in unet.up_blocks[-1].named_modules())
+    jitter = pretrain.config_from_args(argparse.Namespace(**{**base, "aspect_jitter": 0.5}, unet_down_block_types=None))
+    assert jitter.aspect_jitter == 0.5 and pretrain.PretrainConfig().aspect_jitter == 0.0
     default_unet = build_components(default.model, seed=0)["unet"]
     assert not any(n.endswith("attn2") for n, _ in default_unet.down_blocks[0].named_modules())
 

@@ -43,6 +43,47 @@ def test_render_is_deterministic_and_in_range():
         assert spec.half_size <= spec.cx <= 32 - spec.half_size and spec.half_size <= spec.cy <= 32 - spec.half_size
 
 
+def test_aspect_jitter_draws_elongated_shapes_and_zero_keeps_the_old_stream():
+    captions = shapes.sample_captions(40, seed=3)
+    plain, plain_specs = shapes.render_batch(captions, seed=3)
+    zero, zero_specs = shapes.render_batch(captions, seed=3, aspect_jitter=0.0)
+    np.testing.assert_array_equal(plain, zero)
+    assert all(s.aspect == 0.0 for s in zero_specs) and zero_specs == plain_specs
+    _, specs = shapes.render_batch(captions, seed=3, aspect_jitter=0.5)
+    alphas = np.array([s.aspect for s in specs])
+    assert np.abs(alphas).max() <= 0.5 and alphas.min() < -0.25 and alphas.max() > 0.25
+    for spec in specs:
+        w, h = spec.half_extents
+        np.testing.assert_allclose([w / h, w * h], [np.exp(spec.aspect), spec.half_size ** 2])
+        assert w <= spec.cx <= 32 - w and h <= spec.cy <= 32 - h  # the whole shape stays on the canvas
+    # a square spec with alpha = log 2 renders as a 2:1 rectangle (box edges at 16 +- 8 and 16 +- 4)
+    img = np.asarray(shapes.render(shapes.ShapeSpec("red", "square", "blue", 4 * 2 ** 0.5, 16, 16, float(np.log(2)))))
+    red = (img == shapes.COLOURS["red"]).all(-1)
+    ys, xs = np.nonzero(red)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (8, 23, 12, 19)
+    with pytest.raises(ValueError, match="aspect_jitter"):
+        shapes.render_batch(captions, seed=3, aspect_jitter=1.0)
+
+
+def test_shade_jitter_blends_the_colour_toward_white_or_black():
+    captions = shapes.sample_captions(40, seed=3)
+    _, plain_specs = shapes.render_batch(captions, seed=3)
+    _, specs = shapes.render_batch(captions, seed=3, shade_jitter=0.3)
+    lam = np.array([s.shade for s in specs])
+    assert np.abs(lam).max() <= 0.3 and lam.min() < -0.15 and lam.max() > 0.15
+    # the shade is drawn after size and position: the first image's are those of the unshaded stream
+    assert (specs[0].half_size, specs[0].cx, specs[0].cy) == (plain_specs[0].half_size, plain_specs[0].cx, plain_specs[0].cy)
+    red = shapes.COLOURS["red"]  # (220, 40, 40)
+    lighter = shapes.ShapeSpec("red", "square", "blue", 8, 16, 16, shade=0.5)
+    darker = shapes.ShapeSpec("red", "square", "blue", 8, 16, 16, shade=-0.25)
+    assert lighter.fill == (238, 148, 148) and darker.fill == (165, 30, 30)  # 220 + 0.5·35 = 237.5 -> 238
+    assert shapes.ShapeSpec("red", "square", "blue", 8, 16, 16).fill == red
+    img = np.asarray(shapes.render(darker))
+    assert tuple(img[16, 16]) == (165, 30, 30)
+    with pytest.raises(ValueError, match="shade_jitter"):
+        shapes.render_batch(captions, seed=3, shade_jitter=0.5)
+
+
 def test_sample_captions_is_balanced():
     caps = shapes.sample_captions(2 * 78, seed=0)
     assert sorted(caps) == sorted(shapes.train_prompts() * 2)
