@@ -84,7 +84,7 @@ class UserResolver:
             known = ", ".join(sorted(table)[:10])
             raise ValueError(f"user {name!r} is neither an examples file (.json/.jsonl) nor a training user of "
                              f"{self.run_dir} (known: {known}{', ...' if len(table) > 10 else ''})")
-        # mean of the K few-shot sets' features, then project: the projection standardises the result, so the
+        # mean of the K few-shot sets' features, then project: the projection scales the result to unit norm, so the
         # tokens keep the scale of a single set's (averaging tokens instead would shrink them where sets disagree)
         return user_tokens(self.unet, table[name].mean(0))  # (K, N_f, D_f) -> (1, N_u, D_u)
 

@@ -138,6 +138,8 @@ class PersonalizedTrainer(PreferenceTrainer):
             acc.wait_for_everyone()
             cached, _ = load_user_embeddings(path)
         self.user_features = cached
+        if cached:  # per-dimension feature scale of the projection, from every training user's sets (deterministic)
+            self.unet_inner.user_projection.fit_feature_scale(torch.cat([f for _, f in sorted(cached.items())]))
 
     def _example(self, index: int) -> PreferenceExample | None:
         try:

@@ -21,8 +21,11 @@ Encoders (``UserEncoderConfig.type``):
             ``layer`` pooled as ``[mean over tokens ; last token]``, (2, D_lm). Needs the model weights locally.
 ``pixels``  toy/debug: no pretrained network. ``ĝ(x)`` = the image average-pooled to a ``grid x grid`` thumbnail:
             RGB (``channels: rgb``, 3·grid² values in [-1, 1]) or the distance from the background colour
-            (``channels: saliency``, grid² values in [0, 1]: where the object is, whatever its colour); features
-            ``[mean_k d_k]``, (1, D). Stands in for CLIP in the toy world, which has no pretrained image encoder.
+            (``channels: saliency``, grid² values in [0, 1]: where the object is, whatever its colour), or that
+            plus the lightness relative to the background (``saliency_luma``, 2·grid² values); with ``centre: true``
+            the maps are first shifted so that the saliency centroid sits at the image centre, so the thumbnails show
+            the object's size, shape and shade and not where it is; or (``object``) three statistics of the object
+            itself, :func:`object_statistics`: area, lightness, elongation; features ``[mean_k d_k]``, (1, D). Stands in for CLIP in the toy world, which has no pretrained image encoder.
 ==========  ===========================================================================================================
 
 Means over the examples make ``clip`` and ``pixels`` features independent of the examples' order and defined for
@@ -41,7 +44,9 @@ import torch
 from torch import nn
 
 ENCODER_TYPES = ("clip", "vlm", "pixels")
-PIXEL_CHANNELS = ("rgb", "saliency")
+PIXEL_CHANNELS = ("rgb", "saliency", "saliency_luma", "object")
+_PIXEL_CHANNEL_COUNT = {"rgb": 3, "saliency": 1, "saliency_luma": 2}
+OBJECT_THRESHOLD = 0.2  # saliency above which a pixel is the object (channels: object; the toy palette is >= 0.25 apart)
 VLM_POOLING = ("mean_last", "mean", "last")
 # Used when ``model`` is not given. CLIP ViT-L/14 is SD1.5's text tower family; LLaVA-OneVision is the paper's VLM
 # (its smallest size; the paper's size is not published).
@@ -74,9 +79,15 @@ class UserEncoderConfig:
                                                      "exact layer not published)."})
     pooling: str = field(default="mean_last", metadata={"help": "vlm: mean_last | mean | last pooling of the layer."})
     # pixels only.
-    grid: int = field(default=4, metadata={"help": "pixels: thumbnail size (features 3·grid², or grid² for saliency)."})
+    grid: int = field(default=4, metadata={
+        "help": "pixels: thumbnail size (features 3·grid² for rgb, grid² for saliency, 2·grid² for saliency_luma)."})
     channels: str = field(default="rgb", metadata={
-        "help": "pixels: rgb (colour thumbnails) | saliency (distance from the border colour: where the object is)."})
+        "help": "pixels: rgb (colour thumbnails) | saliency (distance from the border colour: where the object is) | "
+                "saliency_luma (that and the lightness minus the border's) | object (the object's area, lightness "
+                "and elongation; grid and centre unused)."})
+    centre: bool = field(default=False, metadata={
+        "help": "pixels + saliency(_luma): shift the maps so that the saliency centroid is at the image centre before "
+                "pooling (translation-invariant thumbnails: size, shape and shade, not position)."})
     batch_size: int = field(default=32, metadata={"help": "Images per encoder forward when caching features."})
 
     def __post_init__(self):
@@ -91,6 +102,10 @@ class UserEncoderConfig:
             raise ValueError(f"grid: must be >= 1, got {self.grid}")
         if self.channels not in PIXEL_CHANNELS:
             raise ValueError(f"channels: must be one of {PIXEL_CHANNELS}, got {self.channels!r}")
+        if self.centre and self.channels in ("rgb", "object"):
+            raise ValueError(f"centre: needs channels: saliency or saliency_luma (rgb thumbnails have no zero "
+                             f"background to shift in; object statistics have no position), got channels: "
+                             f"{self.channels}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
 
@@ -158,35 +173,99 @@ class PooledDifferenceEncoder(UserEncoder):
         return torch.stack(out)  # (U, N_f, D)
 
 
+def _rgb_and_background(images) -> tuple[np.ndarray, np.ndarray]:
+    """``(arr, background)``: the images as (N, H, W, 3) float32 in [0, 1] and each one's background colour (N, 3),
+    the per-channel median of its one-pixel border."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])  # (N, H, W, 3)
+    border = np.concatenate([arr[:, 0], arr[:, -1], arr[:, 1:-1, 0], arr[:, 1:-1, -1]], axis=1)  # (N, 2H+2W-4, 3)
+    return arr, np.median(border, axis=1)
+
+
 def saliency_maps(images) -> np.ndarray:
     """(N, H, W) in [0, 1]: each pixel's RGB distance (Euclidean, channels in [0, 1], divided by √3) from the image's
     background colour, estimated as the per-channel median of the one-pixel border. "Where is the object",
     whatever its colour."""
-    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])  # (N, H, W, 3)
-    border = np.concatenate([arr[:, 0], arr[:, -1], arr[:, 1:-1, 0], arr[:, 1:-1, -1]], axis=1)  # (N, 2H+2W-4, 3)
-    background = np.median(border, axis=1)[:, None, None, :]  # (N, 1, 1, 3)
-    return np.sqrt(((arr - background) ** 2).sum(-1) / 3.0)
+    arr, background = _rgb_and_background(images)
+    return np.sqrt(((arr - background[:, None, None, :]) ** 2).sum(-1) / 3.0)
+
+
+def luma_maps(images) -> np.ndarray:
+    """(N, H, W) in [-1, 1]: each pixel's lightness (mean of R, G, B in [0, 1]) minus the background's (as in
+    :func:`saliency_maps`): 0 on the background."""
+    arr, background = _rgb_and_background(images)
+    return arr.mean(-1) - background.mean(-1)[:, None, None]
+
+
+def object_statistics(images, threshold: float = OBJECT_THRESHOLD) -> np.ndarray:
+    """(N, 3) float64 per image, from the object mask ``F`` = pixels whose :func:`saliency_maps` value exceeds
+    ``threshold``: area ``|F| / HW``; lightness, the mean over ``F`` of (R + G + B) / 3 in [0, 1]; elongation
+    ``½ log(Var_F[x] / Var_F[y])`` (0 for a wide-as-tall object). All three are 0 for an empty mask. What a
+    perception model would say about "the object", whatever its colour and wherever it is."""
+    fg = saliency_maps(images) > threshold  # (N, H, W)
+    lum = np.stack([np.asarray(im.convert("RGB"), dtype=np.float64).mean(-1) / 255.0 for im in images])
+    out = np.zeros((len(fg), 3))
+    for i, mask in enumerate(fg):
+        ys, xs = np.nonzero(mask)
+        if len(xs):
+            out[i, 0] = len(xs) / mask.size
+            out[i, 1] = lum[i][mask].mean()
+            if xs.var() > 0 and ys.var() > 0:
+                out[i, 2] = 0.5 * np.log(xs.var() / ys.var())
+    return out
+
+
+def centre_maps(maps: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """(N, H, W) -> (N, H, W): each map shifted by whole pixels so that the centroid of ``weights`` (default: the
+    map itself; non-negative, pixel centres at ``i + 0.5``) lands on the image centre ``(H/2, W/2)``; what is
+    shifted in is 0. A map whose weights are all zero is returned as it is."""
+    weights = maps if weights is None else weights
+    out = np.zeros_like(maps)
+    _, height, width = maps.shape
+    for i, (m, wt) in enumerate(zip(maps, weights)):
+        total = float(wt.sum())
+        if total <= 0:
+            out[i] = m
+            continue
+        cy = float((wt.sum(1) * (np.arange(height) + 0.5)).sum()) / total
+        cx = float((wt.sum(0) * (np.arange(width) + 0.5)).sum()) / total
+        dy, dx = round(height / 2 - cy), round(width / 2 - cx)
+        src_y, dst_y = slice(max(0, -dy), min(height, height - dy)), slice(max(0, dy), min(height, height + dy))
+        src_x, dst_x = slice(max(0, -dx), min(width, width - dx)), slice(max(0, dx), min(width, width + dx))
+        out[i, dst_y, dst_x] = m[src_y, src_x]
+    return out
 
 
 class PixelUserEncoder(PooledDifferenceEncoder):
     """ĝ(x) = the image as a ``grid x grid`` thumbnail (box filter), flattened. ``channels="rgb"``: RGB in [-1, 1],
-    3·grid² values; ``channels="saliency"``: :func:`saliency_maps` in [0, 1], grid² values (layout, colour-blind)."""
+    3·grid² values; ``channels="saliency"``: :func:`saliency_maps` in [0, 1], grid² values (layout, colour-blind);
+    ``"saliency_luma"``: those and :func:`luma_maps`, 2·grid² values. With ``centre=True`` the maps are shifted to the
+    saliency centroid first (:func:`centre_maps`: size, shape and shade, not position)."""
 
     has_text = False
 
-    def __init__(self, grid: int = 4, batch_size: int = 32, channels: str = "rgb"):
+    def __init__(self, grid: int = 4, batch_size: int = 32, channels: str = "rgb", centre: bool = False):
         if channels not in PIXEL_CHANNELS:
             raise ValueError(f"channels: must be one of {PIXEL_CHANNELS}, got {channels!r}")
-        self.grid, self.batch_size, self.channels = grid, batch_size, channels
-        self.dim = (3 if channels == "rgb" else 1) * grid * grid
+        if centre and channels in ("rgb", "object"):
+            raise ValueError("centre=True needs channels='saliency' or 'saliency_luma'")
+        self.grid, self.batch_size, self.channels, self.centre = grid, batch_size, channels, centre
+        self.dim = _pixel_feature_dim(channels, grid)
 
     def embed_images(self, images):
         from PIL import Image
 
-        if self.channels == "saliency":
-            maps = saliency_maps(images)  # (N, H, W)
-            thumbs = [np.asarray(Image.fromarray(m, mode="F").resize((self.grid, self.grid), Image.BOX)) for m in maps]
-            return torch.from_numpy(np.stack(thumbs).reshape(len(images), -1).astype(np.float32))  # (N, g²)
+        if self.channels == "object":
+            return torch.from_numpy(object_statistics(images).astype(np.float32))  # (N, 3)
+        if self.channels != "rgb":
+            saliency = saliency_maps(images)  # (N, H, W)
+            stacks = [saliency] + ([luma_maps(images)] if self.channels == "saliency_luma" else [])
+            if self.centre:
+                stacks = [centre_maps(m, saliency) for m in stacks]
+            thumbs = [[np.asarray(Image.fromarray(m.astype(np.float32), mode="F").resize((self.grid, self.grid),
+                                                                                       Image.BOX)) for m in maps]
+                      for maps in stacks]  # per channel, N thumbnails (g, g)
+            feats = np.concatenate([np.stack(t).reshape(len(images), -1) for t in thumbs], axis=1)
+            return torch.from_numpy(feats.astype(np.float32))  # (N, g²) or (N, 2·g²): saliency first
         thumbs = [np.asarray(im.convert("RGB").resize((self.grid, self.grid), Image.BOX), dtype=np.float32)
                   for im in images]  # (g, g, 3) each
         arr = np.stack(thumbs) / 127.5 - 1.0  # (N, g, g, 3)
@@ -305,10 +384,14 @@ class VLMUserEncoder(UserEncoder):
         return torch.stack(rows).cpu()  # (N_f, D)
 
 
+def _pixel_feature_dim(channels: str, grid: int) -> int:
+    return 3 if channels == "object" else _PIXEL_CHANNEL_COUNT[channels] * grid * grid
+
+
 def build_user_encoder(config: UserEncoderConfig, device=None) -> UserEncoder:
     """The encoder a :class:`UserEncoderConfig` names."""
     if config.type == "pixels":
-        return PixelUserEncoder(config.grid, config.batch_size, config.channels)
+        return PixelUserEncoder(config.grid, config.batch_size, config.channels, config.centre)
     if config.type == "clip":
         return ClipUserEncoder(config.model, device=device, batch_size=config.batch_size)
     return VLMUserEncoder(config.model, layer=config.layer, pooling=config.pooling, device=device)
@@ -317,7 +400,7 @@ def build_user_encoder(config: UserEncoderConfig, device=None) -> UserEncoder:
 def encoder_feature_shape(config: UserEncoderConfig) -> tuple[int, int]:
     """(N_f, D_f) of an encoder's features from its config alone (no weights are loaded)."""
     if config.type == "pixels":
-        return (1, (3 if config.channels == "rgb" else 1) * config.grid * config.grid)
+        return (1, _pixel_feature_dim(config.channels, config.grid))
     if config.type == "clip":
         if config.model == "tiny":
             return (2, tiny_clip_model().config.projection_dim)
@@ -331,14 +414,20 @@ def encoder_feature_shape(config: UserEncoderConfig) -> tuple[int, int]:
 
 
 class UserProjection(nn.Module):
-    """Features (B, N_f, D_f) -> user tokens (B, N_u, D_u): ``LayerNorm(W · flatten(standardise(f)))`` reshaped.
+    """Features (B, N_f, D_f) -> user tokens (B, N_u, D_u): ``LayerNorm(W · flatten(g / ‖g‖))`` reshaped, with
+    ``g = f / s`` (per dimension; ``‖·‖`` per row).
 
     The trainable half of the user encoder (IP-Adapter's ``ImageProjModel`` has the same Linear + LayerNorm form).
     Two choices make users distinguishable from the first step:
 
-    * each feature row is standardised (zero mean, unit variance over D_f, no parameters): raw feature scales vary by
-      encoder and shrink when a user's examples are few or disagree, and a small ``f`` would otherwise leave every
-      user with nearly the same tokens;
+    * each feature row is scaled to unit L2 norm (no parameters): raw feature scales vary by encoder and shrink when
+      a user's examples are few or disagree, and a small ``f`` would otherwise leave every user with nearly the same
+      tokens. Only the scale goes; the direction, which is the taste, stays whole (an earlier version standardised
+      each row to zero mean and unit variance, which also removed the row mean: with D_f = 2 it left only the sign
+      of f_1 - f_2);
+    * before that, each feature dimension is divided by its root-mean-square ``s`` over the training users' feature
+      sets (:meth:`fit_feature_scale`, called by the trainer; a buffer, saved with the branch; 1 until fitted), so
+      that a dimension with a small spread (the toy encoder's lightness beside its saliency) still counts;
     * ``W`` has no bias, so at initialisation opposite preferences (``f`` and ``-f``) give opposite tokens.
 
     Zeroed tokens (user-embedding dropout) are produced by the trainer *after* this module, so they switch the branch
@@ -352,6 +441,14 @@ class UserProjection(nn.Module):
         n_f, d_f = self.feature_shape
         self.proj = nn.Linear(n_f * d_f, num_tokens * token_dim, bias=False)
         self.norm = nn.LayerNorm(token_dim)
+        self.register_buffer("feature_scale", torch.ones(n_f, d_f))
+
+    @torch.no_grad()
+    def fit_feature_scale(self, features: torch.Tensor) -> None:
+        """``s`` = root-mean-square of each feature dimension over ``features`` (S, N_f, D_f), e.g. every training
+        user's cached sets; dimensions that are always 0 keep ``s = 1``."""
+        rms = features.reshape(-1, *self.feature_shape).double().pow(2).mean(0).sqrt()
+        self.feature_scale.copy_(torch.where(rms > 0, rms, torch.ones_like(rms)).to(self.feature_scale.dtype))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.ndim == 2:
@@ -359,8 +456,8 @@ class UserProjection(nn.Module):
         if tuple(features.shape[1:]) != self.feature_shape:
             raise ValueError(f"user features must have shape (B, {self.feature_shape[0]}, {self.feature_shape[1]}), "
                              f"got {tuple(features.shape)}")
-        x = features.to(self.proj.weight.dtype)
-        x = torch.nn.functional.layer_norm(x, x.shape[-1:])  # standardise each row over D_f
+        x = features.to(self.proj.weight.dtype) / self.feature_scale.to(self.proj.weight.dtype)
+        x = torch.nn.functional.normalize(x, dim=-1)  # unit L2 norm per row (an all-zero row stays zero)
         tokens = self.proj(x.flatten(1)).view(-1, self.num_tokens, self.token_dim)  # (B, N_u, D_u)
         return self.norm(tokens)
 

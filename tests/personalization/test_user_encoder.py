@@ -83,9 +83,27 @@ def test_projection_maps_features_to_tokens():
     tokens = proj(f)
     assert tokens.shape == (5, 4, 32)
     assert proj(torch.randn(2, 16)).shape == (1, 4, 32)
-    # rows are standardised (scale-free) and the map has no bias: at init, opposite features -> opposite tokens
-    torch.testing.assert_close(proj(0.5 * f), tokens, atol=1e-3, rtol=1e-3)
+    # rows are scaled to unit norm (scale-free) and the map has no bias: at init, opposite features -> opposite tokens
+    torch.testing.assert_close(proj(0.5 * f), tokens, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(proj(-f), -tokens, atol=1e-5, rtol=1e-5)
+    # the direction survives, also in 2 dimensions: (1, 0.1) and (1, -0.1) are different users (a per-row
+    # standardisation maps both to (1, -1)); by hand, the tokens are LayerNorm(W f / ‖f‖)
+    two = UserProjection((1, 2), num_tokens=2, token_dim=8)
+    a, b = two(torch.tensor([[1.0, 0.1]])), two(torch.tensor([[1.0, -0.1]]))
+    assert (a - b).abs().max() > 0.1
+    u = torch.tensor([1.0, 0.1]) / torch.tensor([1.0, 0.1]).norm()
+    want = torch.nn.functional.layer_norm((two.proj.weight @ u).view(2, 8), (8,), two.norm.weight, two.norm.bias)
+    torch.testing.assert_close(a[0], want, atol=1e-5, rtol=1e-5)
+    # fitted per-dimension scale: RMS over the sets; tokens = LayerNorm(W (f / s) / ‖f / s‖)
+    sets = torch.tensor([[[0.02, 1.0]], [[-0.04, 2.0]], [[0.0, 0.0]]])
+    two.fit_feature_scale(sets)
+    s = torch.tensor([(0.02**2 + 0.04**2) / 3, 5.0 / 3]).sqrt()
+    torch.testing.assert_close(two.feature_scale[0], s)
+    g = torch.tensor([0.02, 1.0]) / s
+    want = torch.nn.functional.layer_norm((two.proj.weight @ (g / g.norm())).view(2, 8), (8,), two.norm.weight,
+                                          two.norm.bias)
+    torch.testing.assert_close(two(sets[0])[0], want, atol=1e-5, rtol=1e-5)
+    assert "feature_scale" in two.state_dict()  # saved and loaded with the branch
 
 
 def test_examples_file_round_trip(tmp_path):
@@ -97,3 +115,80 @@ def test_examples_file_round_trip(tmp_path):
     bad.write_text('{"prompt": "x", "chosen": "a.png"}\n')
     with pytest.raises(ValueError, match="lacks"):
         load_examples(bad)
+
+
+def test_centred_saliency_thumbnails_do_not_depend_on_where_the_object_is():
+    """centre=True: the same 8x4 bar at two places gives the same features; a wide and a tall bar differ; by hand on
+    a 2x2 grid the centred wide bar covers columns 12..19 of rows 14..17 -> every quadrant holds 8 of its pixels."""
+    import numpy as np
+
+    from diffalign.personalization.user_encoder import centre_maps
+
+    def bar(x0, y0, w, h):
+        a = np.zeros((32, 32, 3), np.uint8)
+        a[:] = BLUE
+        a[y0:y0 + h, x0:x0 + w] = RED
+        return Image.fromarray(a)
+
+    enc = PixelUserEncoder(grid=2, channels="saliency", centre=True)
+    plain = PixelUserEncoder(grid=2, channels="saliency")
+    wide_a, wide_b = bar(0, 0, 8, 4), bar(20, 25, 8, 4)
+    torch.testing.assert_close(enc.embed_images([wide_a]), enc.embed_images([wide_b]))
+    assert not torch.allclose(plain.embed_images([wide_a]), plain.embed_images([wide_b]))
+    s = float(np.sqrt((((np.array(RED) - np.array(BLUE)) / 255.0) ** 2).sum() / 3))
+    torch.testing.assert_close(enc.embed_images([wide_a])[0], torch.full((4,), 8 * s / 256), atol=1e-6, rtol=0)
+    maps = centre_maps(np.stack([np.asarray(m) for m in [np.pad(np.ones((4, 8), np.float32), ((0, 28), (0, 24)))]]))
+    assert maps[0, 14:18, 12:20].sum() == 32 and maps.sum() == 32  # moved whole, centroid on (16, 16)
+    # wide minus tall: a wide bar has mass in the side columns of an 8x8 grid, a tall one in the top/bottom rows
+    wide, tall = bar(1, 2, 16, 8), bar(15, 9, 8, 16)  # centred: columns 8..23 x rows 12..19, and transposed
+    f = PixelUserEncoder(grid=8, channels="saliency", centre=True).encode([PreferenceExample("p", wide, tall)])
+    grid = f[0].view(8, 8)
+    assert grid[3:5, 2].sum() > 0 and grid[3:5, 5].sum() > 0 and grid[2, 3:5].sum() < 0 and grid[5, 3:5].sum() < 0
+    np.testing.assert_array_equal(centre_maps(np.zeros((1, 4, 4))), np.zeros((1, 4, 4)))  # nothing to centre
+    with pytest.raises(ValueError, match="centre"):
+        UserEncoderConfig(type="pixels", channels="rgb", centre=True)
+
+
+def test_saliency_luma_channel_is_the_objects_lightness_against_the_background():
+    """2x2 grid, centred: a light and a dark version of one 16x16 square (anywhere) differ only in the luma half;
+    by hand the luma thumbnail is (mean RGB of the object - of the background) over each quadrant's 64 of 256 px."""
+    import numpy as np
+
+    def square_at(x0, y0, fg, bg=BLUE):
+        a = np.zeros((32, 32, 3), np.uint8)
+        a[:] = bg
+        a[y0:y0 + 16, x0:x0 + 16] = fg
+        return Image.fromarray(a)
+
+    light, dark = (250, 150, 150), (120, 20, 20)
+    enc = PixelUserEncoder(grid=2, channels="saliency_luma", centre=True)
+    assert enc.feature_shape == (1, 8) == encoder_feature_shape(UserEncoderConfig(type="pixels", grid=2,
+                                                                                  channels="saliency_luma"))
+    f = enc.encode([PreferenceExample("p", square_at(0, 3, light), square_at(13, 16, dark))])[0]
+    luma = lambda c: sum(c) / 3 / 255
+    want = (luma(light) - luma(dark)) * 64 / 256
+    torch.testing.assert_close(f[4:], torch.full((4,), want), atol=1e-6, rtol=0)
+    sal = enc.embed_images([square_at(0, 3, light), square_at(13, 16, dark)])[:, :4]
+    assert (sal > 0).all()  # both objects are seen; their saliency differs with their colour, the luma says how
+
+
+def test_object_channel_is_the_difference_of_object_statistics_worked_by_hand():
+    import numpy as np
+
+    def rect(x0, y0, w, h, fg, bg=BLUE):
+        a = np.zeros((32, 32, 3), np.uint8)
+        a[:] = bg
+        a[y0:y0 + h, x0:x0 + w] = fg
+        return Image.fromarray(a)
+
+    wide_red, tall_grey = rect(4, 2, 16, 8, RED), rect(20, 10, 6, 20, (100, 100, 100))
+    stats = lambda w, h, rgb: [w * h / 1024, sum(rgb) / 3 / 255, 0.5 * np.log((w * w - 1) / (h * h - 1))]
+    enc = PixelUserEncoder(channels="object")
+    assert enc.feature_shape == (1, 3) == encoder_feature_shape(UserEncoderConfig(type="pixels", channels="object"))
+    f = enc.encode([PreferenceExample("p", wide_red, tall_grey)])[0]  # (N_f, D) = (1, 3) -> (3,)
+    want = np.array(stats(16, 8, RED)) - np.array(stats(6, 20, (100, 100, 100)))
+    np.testing.assert_allclose(f.numpy(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(enc.embed_images([Image.new("RGB", (32, 32), BLUE)]), torch.zeros(1, 3))  # no object
+    with pytest.raises(ValueError, match="centre"):
+        UserEncoderConfig(type="pixels", channels="object", centre=True)
+
