@@ -1,22 +1,22 @@
 """PPD in the toy multi-user world, end to end, as one table: user (oracle) x embedding used -> mean reward.
 
-    python scripts/ppd_toy_table.py --out runs/ppd-toy            # ~17 min on 1 CPU thread
+    python scripts/ppd_toy_table.py --out runs/ppd-toy            # ~7 min on 1 CPU thread
     python scripts/ppd_toy_table.py --quick --out /tmp/ppd-quick   # smoke run, ~1-2 min
 
-1. Base model: ``assets/toy-sd-ppd`` (the shapes world, cross-attention at 8x8 too) when present, else
+1. Base model: ``assets/toy-sd-ppd`` (the shapes world with free shades, cross-attention at 8x8 too) when present, else
    ``assets/toy-sd``, else a random tiny SD pipeline (numbers are then
    only a smoke test).
-2. Data: ``--pool`` pairs of base samples on the TRAIN prompts; each of the four training users (big, centred, small,
-   off-centre; :mod:`diffalign.personalization.toy`) labels every pair with their own layout reward: opposite users give
+2. Data: ``--pool`` pairs of base samples on the TRAIN prompts; each of the four training users (big, light, small,
+   dark; :mod:`diffalign.personalization.toy`) labels every pair with their own reward: opposite users give
    opposite labels to the same pair. A Pick-a-Pic-schema parquet with ``user_id``.
-3. Train one PPD model on all users with ``configs/toy_ppd.yaml`` (objective ``ppd``, saliency-pixel user encoder,
-   user branch + LoRA), its model/data/output paths and seed overridden.
-4. Evaluate on the HELD-OUT prompts, the same seeds for every column: no user (base), each training user's cached
-   embedding, and two held-out users (big-centred 45°, small-centred 135°; never trained on) each served from 4 fresh
-   examples: ``draws`` disjoint draws of 4 examples, image ``i`` of the column made with draw ``i mod draws``, so the
-   cell averages over which 4 examples the user happened to give.
-   Every image is scored by every user's oracle. Then interpolation big -> small in embedding space (and in
-   prediction space).
+3. Train one PPD model on all users with ``configs/toy_ppd.yaml`` (objective ``ppd``, object-statistics user
+   encoder, user branch only), its model/data/output paths and seed overridden.
+4. Evaluate on the HELD-OUT prompts, the same seeds for every column: no user (the base) and one column per user,
+   the four training users and four held-out users (big-light 45°, small-light 135°, small-dark 225°, big-dark 315°;
+   never trained on). Every user is served from 4 fresh examples (``--serve stored``: training users from the run's
+   stored embedding instead): ``draws`` disjoint draws of 4 examples, image ``i`` of the column made with draw
+   ``i mod draws``, so the cell averages over which 4 examples the user happened to give. Every image is scored by
+   every user's oracle. Then interpolation big -> small in embedding space (and in prediction space).
 5. Writes ``table.md`` (the markdown for docs/ppd.md) and ``results.json`` to ``--out``.
 """
 
@@ -55,6 +55,12 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny settings: checks the script runs, numbers meaningless")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="training overrides on top of configs/toy_ppd.yaml, e.g. objective.example_sets=16")
+    p.add_argument("--serve", choices=("fresh", "stored"), default="fresh",
+                   help="fresh: every user, training users too, is served from 4 new examples (the paper's protocol), "
+                        "averaged over the draws; stored: training users get the run's stored embedding (the mean of "
+                        "their training sets' features, what `--user ID` uses)")
+    p.add_argument("--tie-margin", type=float, default=0.01,
+                   help="users leave pairs with |Δr| <= this out, in their labels and their few-shot examples")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 is fastest for these tiny models on a busy machine (2 threads spin on "
                         "contended cores)")
@@ -85,12 +91,13 @@ def main(argv=None) -> int:
 
     # 1-2. pairs labelled by every training user; held-out users' 4 examples from fresh base samples
     pool = sample_pairs(pipe, train_prompts, o["pool"], seed=args.seed)
-    cols = label_pairs(pool, TRAIN_USERS)
+    cols = label_pairs(pool, TRAIN_USERS, tie_margin=args.tie_margin)
     pairs_path = write_pairs(cols, out / "pairs")
     fresh = sample_pairs(pipe, train_prompts, 16 * o["draws"], seed=args.seed + 1)
-    heldout_files = {u.name: [save_examples(user_examples(fresh, u, o["examples"], draw=d),
+    served = HELDOUT_USERS if args.serve == "stored" else TRAIN_USERS + HELDOUT_USERS
+    example_files = {u.name: [save_examples(user_examples(fresh, u, o["examples"], draw=d, tie_margin=args.tie_margin),
                                             out / "users" / f"{u.name}-{d}.jsonl") for d in range(o["draws"])]
-                     for u in HELDOUT_USERS}
+                     for u in served}
     timings["data_s"] = time.time() - t0
 
     # 3. one PPD model for all users
@@ -142,15 +149,16 @@ def main(argv=None) -> int:
     spec = load_user_branch(pipe.unet, run)
     table, _ = load_user_embeddings(run)
     encoder = build_user_encoder(spec.encoder)
-    tokens = {u.name: user_tokens(pipe.unet, table[u.name].mean(0)) for u in TRAIN_USERS}  # as the CLI does
-    heldout_tokens = {name: [user_tokens(pipe.unet, encoder.encode(load_examples(f))) for f in files]
-                      for name, files in heldout_files.items()}
+    # a user's tokens, one per example draw: from their fresh example files, or (--serve stored, training users)
+    # the run's stored embedding, the mean of their training sets' features, as `--user ID` does
+    tokens = {name: [user_tokens(pipe.unet, encoder.encode(load_examples(f))) for f in files]
+              for name, files in example_files.items()}
+    for u in TRAIN_USERS:
+        tokens.setdefault(u.name, [user_tokens(pipe.unet, table[u.name].mean(0))])
     if has_lora:
         columns[NO_USER] = score()  # the trained model without a user (LoRA on, branch off)
-    for name, tok in tokens.items():
-        columns[name] = score([[(1.0, tok)]])
-    for name, toks in heldout_tokens.items():
-        columns[name] = score([[(1.0, tok)] for tok in toks])
+    for u in users:
+        columns[u.name] = score([[(1.0, tok)] for tok in tokens[u.name]])
     interp = {"embedding": {}, "prediction": {}}
     a_user, b_user = "big", "small"
     for alpha in ALPHAS:
@@ -158,7 +166,8 @@ def main(argv=None) -> int:
             if alpha in (0.0, 1.0):
                 interp[space][alpha] = columns[a_user if alpha == 0.0 else b_user]
             else:
-                interp[space][alpha] = score([[(1 - alpha, tokens[a_user]), (alpha, tokens[b_user])]], space)
+                interp[space][alpha] = score([[(1 - alpha, ta), (alpha, tb)] for ta, tb in
+                                              zip(tokens[a_user], tokens[b_user], strict=True)], space)
     timings["eval_s"] = time.time() - t2
     timings["total_s"] = time.time() - t0
     timings["cpu_s"] = time.process_time() - c0
@@ -200,7 +209,7 @@ def main(argv=None) -> int:
             monotone[f"{who}/{space}"] = bool(np.all(diffs < 0) if who == a_user else np.all(diffs > 0))
     interp_md = "\n".join(ilines)
     results = {
-        "seed": args.seed, "quick": args.quick, "base_model": model, "base_is_toy": is_toy, "settings": o, "config": cfg.to_dict(),
+        "seed": args.seed, "quick": args.quick, "tie_margin": args.tie_margin, "serve": args.serve, "base_model": model, "base_is_toy": is_toy, "settings": o, "config": cfg.to_dict(),
         "generation": GENERATION, "eval_prompts": eval_prompts, "eval_seeds": [seeds[0], seeds[-1]],
         "n_eval_images_per_column": len(prompts), "train_rows_per_user": {u.name: cols["user_id"].count(u.name)
                                                                           for u in TRAIN_USERS},
@@ -214,7 +223,9 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     text = (f"{table_md}\n\n{interp_md}\n\nseed {args.seed}; {len(prompts)} images per column "
             f"({len(eval_prompts)} held-out prompts x {o['eval_seeds']} seeds {seeds[0]}..{seeds[-1]}); "
-            f"held-out users averaged over {o['draws']} disjoint draws of {o['examples']} examples; "
+            f"{'every user' if args.serve == 'fresh' else 'held-out users'} served from {o['examples']} fresh "
+            f"examples, averaged over {o['draws']} disjoint draws; "
+            f"tie margin {args.tie_margin:g}; "
             f"base {os.path.relpath(model) if is_toy else 'RANDOM tiny model'}; "
             f"wall time {timings['total_s']:.0f} s, CPU time {timings['cpu_s']:.0f} s "
             f"({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})\n")

@@ -1,43 +1,47 @@
 r"""A toy multi-user world for PPD: users with conflicting, pixel-defined tastes label the same image pairs.
 
-**Users are favourite layouts.** Two layout statistics of an image ``x`` (32x32 RGB), read from its foreground mask
-``F`` = pixels farther than :data:`FOREGROUND_THRESHOLD` from the background colour (the median of the one-pixel
-border; :func:`diffalign.personalization.user_encoder.saliency_maps`), whatever the colours:
+**Users are favourite looks of the object.** Two statistics of an image ``x`` (32x32 RGB), read from its foreground
+mask ``F`` = pixels farther than :data:`FOREGROUND_THRESHOLD` from the background colour (the median of the
+one-pixel border; :func:`diffalign.personalization.user_encoder.saliency_maps`):
 
 .. math::
 
     a(x) = (|F| / HW - 0.25) / 0.15 \quad(\text{big} \leftrightarrow \text{small}), \qquad
-    c(x) = (0.2 - \lVert \bar{p}_F - p_0 \rVert / W) / 0.1 \quad(\text{centred} \leftrightarrow \text{off-centre})
+    l(x) = \operatorname{mean}_{p \in F} \tfrac13 (R_p + G_p + B_p) \quad(\text{light} \leftrightarrow \text{dark})
 
-(``p̄_F``: centroid of the foreground pixels, ``p_0`` the image centre, ``c = 0`` for an empty mask). On a 32 px
-canvas the two are correlated (a big shape cannot sit near an edge: between two samples of one prompt, Δa and Δc
-correlate at 0.43), so a taste for "centred" would mostly be a taste for "big". The users' axes are therefore
-**whitened over pair differences** (two base samples of one prompt, the pairs users label):
+(RGB in [0, 1]; ``l = 0`` for an empty mask). Both are properties of the object, not of where it is. That matters: a
+convolutional U-Net is translation-equivariant and the user tokens are the same at every position, so a user branch
+can change how big or how light a shape is drawn, but hardly where it is. Earlier versions of this world used
+centredness as the second taste (the trained branch met it only by shrinking shapes) and then elongation (wide vs.
+tall; not learned at all); in both, every user was in effect a point on the size axis and no held-out user between
+two training users could be served (docs/ppd.md).
+
+The axes are **whitened over pair differences** (two base samples of one prompt, the pairs users label):
 
 .. math::
 
-    z_1(x) = a(x) / s_a, \qquad z_2(x) = (c(x) - k\,a(x)) / s_c
+    z_1(x) = a(x) / s_a, \qquad z_2(x) = (l(x) - k\,a(x)) / s_l
 
-with ``s_a`` the standard deviation of Δa, ``k`` the slope of Δc on Δa and ``s_c`` the standard deviation of the
+with ``s_a`` the standard deviation of Δa, ``k`` the slope of Δl on Δa and ``s_l`` the standard deviation of the
 residual (:data:`TASTE_WHITENING`, measured by :func:`fit_taste_whitening` on 400 pairs of the base model:
 ``python -m diffalign.personalization.toy fit-axes``). Over those pairs Δz has identity covariance: "bigger" and
-"more centred than its size explains" are independent tastes of equal spread. User ``θ`` (an angle in that plane)
-has the reward ``r_θ(x) = cos θ · z_1(x) + sin θ · z_2(x)``. The four training users (:data:`TRAIN_USERS`) sit at 0°
-(big), 90° (centred), 180° (small) and 270° (off-centre): opposite users have exactly opposite rewards, so one pair
-of images gets opposite labels from them. Held-out users (:data:`HELDOUT_USERS`, halfway between two training users)
-are never trained on; PPD serves them from 4 examples. Because the axes are whitened, the mean preference direction
-of a user's decisive pairs (what an encoder can read from examples) points along the user's own ``θ``.
-
-Layout is what the toy base model varies freely for any prompt (the shapes world draws sizes and positions
-uniformly), so each user's taste can be met on every prompt; one PPD model has to learn from the user's embedding
-which way to move. (Colour tastes would not do: a toy prompt fixes both colours.)
+"lighter" are independent tastes of equal spread. User ``θ`` (an angle in that plane) has the reward
+``r_θ(x) = cos θ · z_1(x) + sin θ · z_2(x)``. The four training users (:data:`TRAIN_USERS`) sit at 0° (big), 90°
+(light), 180° (small) and 270° (dark): opposite users have exactly opposite rewards, so one pair of images gets
+opposite labels from them. Held-out users (:data:`HELDOUT_USERS`, halfway between two training users: big-light,
+small-light, small-dark, big-dark) are never trained on; PPD serves them from 4 examples. Because the axes are
+whitened, the mean preference direction of a user's decisive pairs (what an encoder can read from examples) points
+along the user's own ``θ``.
 
 **Base model**: ``assets/toy-sd-ppd`` (:data:`TOY_MODEL_DIR`), the shapes-world pipeline pretrained by the same
-script with cross-attention at the 8x8 latent level too (``python -m diffalign.toy pretrain --out assets/toy-sd-ppd
---seed 0 --threads 1 --unet-down-block-types CrossAttnDownBlock2D CrossAttnDownBlock2D``). The user branch sits next to
-every text cross-attention; on ``assets/toy-sd`` (cross-attention at 4x4 only) PPD learned the size axis and not
-centredness, here both (docs/ppd.md). Without it, ``assets/toy-sd``; without that, a random tiny SD pipeline
-(:mod:`diffalign.models.tiny`) whose blob-like samples still vary in layout, enough to exercise the code.
+script on shapes whose shade varies freely (the caption's colour blended up to 30 % toward white or black,
+:mod:`diffalign.toy.shapes`) and with text cross-attention at the 8x8 latent level too (``python -m diffalign.toy
+pretrain --out assets/toy-sd-ppd --seed 0 --threads 2 --shade-jitter 0.3 --unet-down-block-types CrossAttnDownBlock2D
+CrossAttnDownBlock2D``). Size and shade are not in the captions, so the base model draws a spread of both for any
+prompt and each user's taste can be met on every prompt; one PPD model has to learn from the user's embedding which
+way to move. Without the folder, ``assets/toy-sd`` (palette colours: only the size taste can be met); without that,
+a random tiny SD pipeline (:mod:`diffalign.models.tiny`) whose blob-like samples still vary, enough to exercise the
+code.
 
     python -m diffalign.personalization.toy make-pairs --out runs/ppd-toy/pairs      # data for configs/toy_ppd.yaml
     python -m diffalign.personalization.toy fit-axes                                 # re-measure TASTE_WHITENING
@@ -52,45 +56,38 @@ from pathlib import Path
 
 import numpy as np
 
-from .user_encoder import PreferenceExample, saliency_maps
+from .user_encoder import PreferenceExample, object_statistics
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 TOY_MODEL_DIR = ASSETS / "toy-sd-ppd"  # the PPD base (module doc); falls back to the demo's assets/toy-sd
-TASTE_FEATURES = ("area", "centredness")
+TASTE_FEATURES = ("area", "lightness")
 FOREGROUND_THRESHOLD = 0.2  # saliency (RGB distance / √3); the toy palette's colours are >= 0.25 apart
 # Sampling defaults of the toy pipeline (diffalign.toy.components): 20 DDIM steps, CFG 5.
 GENERATION = {"num_inference_steps": 20, "guidance_scale": 5.0}
-# (s_a, k, s_c) of the module doc, from `python -m diffalign.personalization.toy fit-axes` (400 pairs, seed 0, of
-# assets/toy-sd-ppd on the training prompts). Re-measure when the base model changes.
-TASTE_WHITENING = (0.4526, 0.6725, 0.8407)
+# (s_a, k, s_l) of the module doc, from `python -m diffalign.personalization.toy fit-axes` (400 pairs, seed 0, of
+# assets/toy-sd-ppd on the training prompts; Δa and Δl correlate at 0.04 there). Re-measure when the base changes.
+TASTE_WHITENING = (0.4118, 0.0046, 0.0433)
 FALLBACK_PROMPTS = [f"a {c} {s} on a {b} background" for c, b in (("red", "blue"), ("blue", "yellow"),
                                                                    ("green", "purple"), ("yellow", "white"))
                     for s in ("circle", "square")]
 
 
-def layout_features(images) -> np.ndarray:
-    """(N, 2): area ``a`` and centredness ``c`` of each image's foreground (see the module doc); PIL images."""
-    fg = saliency_maps(images) > FOREGROUND_THRESHOLD  # (N, H, W)
-    n, height, width = fg.shape
-    area = fg.reshape(n, -1).mean(1)
-    counts = np.maximum(fg.sum(axis=(1, 2)), 1)
-    cy = (fg.sum(axis=2) * (np.arange(height) + 0.5)).sum(1) / counts  # (N,) centroid row, pixel centres
-    cx = (fg.sum(axis=1) * (np.arange(width) + 0.5)).sum(1) / counts
-    offset = np.hypot(cx - width / 2, cy - height / 2) / width
-    centred = np.where(fg.any(axis=(1, 2)), (0.2 - offset) / 0.1, 0.0)
-    return np.stack([(area - 0.25) / 0.15, centred], axis=1)
+def object_features(images) -> np.ndarray:
+    """(N, 2): area ``a`` and lightness ``l`` of each image's foreground (see the module doc); PIL images."""
+    stats = object_statistics(images, FOREGROUND_THRESHOLD)  # (N, 3): area fraction, lightness, elongation
+    return np.stack([(stats[:, 0] - 0.25) / 0.15, stats[:, 1]], axis=1)
 
 
 def taste_axes(images, whitening: tuple[float, float, float] = TASTE_WHITENING) -> np.ndarray:
-    """(N, 2): the whitened taste coordinates ``z_1`` (size), ``z_2`` (centredness beyond size) of the module doc."""
-    s_a, k, s_c = whitening
-    f = layout_features(images)
-    return np.stack([f[:, 0] / s_a, (f[:, 1] - k * f[:, 0]) / s_c], axis=1)
+    """(N, 2): the whitened taste coordinates ``z_1`` (size), ``z_2`` (lightness beyond size) of the module doc."""
+    s_a, k, s_l = whitening
+    f = object_features(images)
+    return np.stack([f[:, 0] / s_a, (f[:, 1] - k * f[:, 0]) / s_l], axis=1)
 
 
 def fit_taste_whitening(features_0: np.ndarray, features_1: np.ndarray) -> tuple[float, float, float]:
-    """``(s_a, k, s_c)`` from the layout features (N, 2) of the two images of N pairs: with ``Δ = f_0 - f_1``
-    (zero-mean by symmetry), ``s_a² = E[Δa²]``, ``k = E[Δa Δc] / E[Δa²]``, ``s_c² = E[(Δc - k Δa)²]``."""
+    """``(s_a, k, s_l)`` from the object features (N, 2) of the two images of N pairs: with ``Δ = f_0 - f_1``
+    (zero-mean by symmetry), ``s_a² = E[Δa²]``, ``k = E[Δa Δl] / E[Δa²]``, ``s_l² = E[(Δl - k Δa)²]``."""
     d = np.asarray(features_0, np.float64) - np.asarray(features_1, np.float64)
     var_a = float(np.mean(d[:, 0] ** 2))
     k = float(np.mean(d[:, 0] * d[:, 1]) / var_a)
@@ -114,8 +111,9 @@ class ToyUser:
         return taste_axes(images) @ self.direction
 
 
-TRAIN_USERS = (ToyUser("big", 0.0), ToyUser("centred", 90.0), ToyUser("small", 180.0), ToyUser("off-centre", 270.0))
-HELDOUT_USERS = (ToyUser("big-centred", 45.0), ToyUser("small-centred", 135.0))
+TRAIN_USERS = (ToyUser("big", 0.0), ToyUser("light", 90.0), ToyUser("small", 180.0), ToyUser("dark", 270.0))
+HELDOUT_USERS = (ToyUser("big-light", 45.0), ToyUser("small-light", 135.0), ToyUser("small-dark", 225.0),
+                 ToyUser("big-dark", 315.0))
 
 
 def toy_prompts() -> tuple[list[str], list[str]]:
@@ -247,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     train, _ = toy_prompts()
     if args.command == "fit-axes":
         pairs = sample_pairs(load_pipeline(args.model or toy_base_model(".")[0]), train, args.n_pairs, seed=args.seed)
-        whitening = fit_taste_whitening(layout_features(pairs.images_0), layout_features(pairs.images_1))
+        whitening = fit_taste_whitening(object_features(pairs.images_0), object_features(pairs.images_1))
         print(json.dumps({"TASTE_WHITENING": [round(v, 4) for v in whitening], "n_pairs": args.n_pairs}))
         return 0
     model = args.model or toy_base_model(Path(args.out).parent)[0]

@@ -1,4 +1,5 @@
-"""The toy multi-user world: layout tastes on whitened axes, conflicting labels on the same pairs, a dataset the trainer reads."""
+"""The toy multi-user world: size/lightness tastes on whitened axes, conflicting labels on the same pairs, a dataset
+the trainer reads."""
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from diffalign.personalization.toy import (
     ToyUser,
     fit_taste_whitening,
     label_pairs,
-    layout_features,
+    object_features,
     taste_axes,
     toy_base_model,
     user_examples,
@@ -23,31 +24,39 @@ from diffalign.personalization.toy import (
 BLUE, RED, YELLOW = (40, 70, 220), (220, 40, 40), (240, 210, 40)
 
 
-def square(x0, y0, side, fg=RED, bg=BLUE):
-    """A ``side`` px square with its top-left corner at column x0, row y0 on a 32x32 background."""
+def rect(x0, y0, w, h, fg=RED, bg=BLUE):
+    """A ``w`` x ``h`` px rectangle with its top-left corner at column x0, row y0 on a 32x32 background."""
     a = np.zeros((32, 32, 3), np.uint8)
     a[:] = bg
-    a[y0:y0 + side, x0:x0 + side] = fg
+    a[y0:y0 + h, x0:x0 + w] = fg
     return Image.fromarray(a)
 
 
-def centred(cx, cy):
-    return (0.2 - np.hypot(cx - 16, cy - 16) / 32) / 0.1
+def square(x0, y0, side, fg=RED, bg=BLUE):
+    return rect(x0, y0, side, side, fg, bg)
 
 
-def test_layout_features_by_hand():
-    # 8x8 square at columns 4..11, rows 10..17: area 64/1024, centroid (8, 14) in pixel-centre coordinates
-    f = layout_features([square(4, 10, 8), square(12, 2, 16, fg=YELLOW, bg=RED), Image.new("RGB", (32, 32), BLUE)])
-    np.testing.assert_allclose(f[0], [(64 / 1024 - 0.25) / 0.15, centred(8, 14)])
-    np.testing.assert_allclose(f[1], [(256 / 1024 - 0.25) / 0.15, centred(20, 10)])  # colours do not matter
-    np.testing.assert_allclose(f[2], [-0.25 / 0.15, 0.0])  # nothing on the canvas
+def lightness(rgb):
+    return sum(rgb) / 3 / 255
+
+
+def test_object_features_by_hand():
+    grey = (100, 100, 100)
+    images = [square(4, 10, 8), rect(12, 2, 16, 8, fg=YELLOW, bg=RED), rect(3, 3, 6, 20, fg=grey, bg=YELLOW),
+              Image.new("RGB", (32, 32), BLUE)]
+    f = object_features(images)
+    np.testing.assert_allclose(f[0], [(64 / 1024 - 0.25) / 0.15, lightness(RED)])
+    np.testing.assert_allclose(f[1], [(128 / 1024 - 0.25) / 0.15, lightness(YELLOW)])  # the object's, not the bg's
+    np.testing.assert_allclose(f[2], [(120 / 1024 - 0.25) / 0.15, lightness(grey)])
+    np.testing.assert_allclose(f[3], [-0.25 / 0.15, 0.0])  # nothing on the canvas
+    np.testing.assert_allclose(object_features([rect(20, 9, 12, 8)])[0, 1], lightness(RED))  # any position
 
 
 def test_taste_axes_by_hand():
-    images = [square(4, 10, 8), square(12, 2, 16, fg=YELLOW, bg=RED)]
-    (a0, c0), (a1, c1) = layout_features(images)
-    s_a, k, s_c = TASTE_WHITENING
-    np.testing.assert_allclose(taste_axes(images), [[a0 / s_a, (c0 - k * a0) / s_c], [a1 / s_a, (c1 - k * a1) / s_c]])
+    images = [square(4, 10, 8), rect(12, 2, 16, 8, fg=YELLOW, bg=RED)]
+    (a0, l0), (a1, l1) = object_features(images)
+    s_a, k, s_l = TASTE_WHITENING
+    np.testing.assert_allclose(taste_axes(images), [[a0 / s_a, (l0 - k * a0) / s_l], [a1 / s_a, (l1 - k * a1) / s_l]])
 
 
 def test_fit_taste_whitening_matches_a_cholesky_whitening():
@@ -66,15 +75,17 @@ def test_fit_taste_whitening_matches_a_cholesky_whitening():
 
 @pytest.mark.skipif(not (TOY_MODEL_DIR / "model_index.json").is_file(), reason="assets/toy-sd-ppd not shipped")
 def test_ppd_base_is_what_the_documented_pretrain_command_makes():
-    """assets/toy-sd-ppd: `python -m diffalign.toy pretrain ... --unet-down-block-types CrossAttnDownBlock2D
-    CrossAttnDownBlock2D` (module doc): the report's config is that command's, the U-Net has cross-attention at 8x8."""
+    """assets/toy-sd-ppd: `python -m diffalign.toy pretrain ... --shade-jitter 0.3 --unet-down-block-types
+    CrossAttnDownBlock2D CrossAttnDownBlock2D` (module doc): the report's config is that command's, the U-Net has
+    cross-attention at 8x8."""
     import argparse
     import json
 
     from diffalign.toy import pretrain
 
     blocks = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
-    args = argparse.Namespace(seed=0, vae_steps=None, unet_steps=None, n_images=None, unet_down_block_types=blocks)
+    args = argparse.Namespace(seed=0, vae_steps=None, unet_steps=None, n_images=None, aspect_jitter=None,
+                              shade_jitter=0.3, unet_down_block_types=blocks)
     assert pretrain.load_report(TOY_MODEL_DIR)["config"] == pretrain.config_from_args(args).to_dict()
     unet = json.loads((TOY_MODEL_DIR / "unet" / "config.json").read_text())
     assert unet["down_block_types"] == blocks and unet["up_block_types"] == ["CrossAttnUpBlock2D"] * 2
@@ -82,17 +93,22 @@ def test_ppd_base_is_what_the_documented_pretrain_command_makes():
 
 
 def test_user_rewards():
-    # same-size squares: centred vs. off-centre; then a big and a small one at the same centre
-    images = [square(13, 13, 6), square(24, 10, 6), square(6, 6, 20), square(13, 13, 6, fg=YELLOW)]
+    # same area: light vs. dark square; then a big and a small one; the light one again elsewhere on another background
+    light, dark = (250, 120, 120), (120, 20, 20)
+    images = [square(4, 10, 12, fg=light), square(14, 4, 12, fg=dark), square(6, 6, 20), square(13, 13, 6),
+              square(18, 18, 12, fg=light, bg=YELLOW)]
     users = {u.name: u for u in TRAIN_USERS}
     r = {n: u.reward(images) for n, u in users.items()}
-    assert r["centred"][0] > r["centred"][1] and r["off-centre"][1] > r["off-centre"][0]
+    assert r["light"][0] > r["light"][1] and r["dark"][1] > r["dark"][0]
     assert r["big"][2] > r["big"][3] and r["small"][3] > r["small"][2]
-    assert r["big"][0] == r["big"][1]  # same area: the size axis does not care where the shape is
+    assert r["big"][0] == r["big"][1]  # same area: the size axis does not care about the shade
+    np.testing.assert_allclose(r["light"][0], r["light"][4])  # nor where the object is or what is around it
     np.testing.assert_allclose(r["big"], -r["small"])  # opposite users, opposite rewards
-    np.testing.assert_allclose(r["centred"], -r["off-centre"])
-    np.testing.assert_allclose(ToyUser("x", 45).reward(images), (r["big"] + r["centred"]) / 2 ** 0.5)
+    np.testing.assert_allclose(r["light"], -r["dark"])
+    np.testing.assert_allclose(ToyUser("x", 45).reward(images), (r["big"] + r["light"]) / 2 ** 0.5)
     assert {u.name for u in HELDOUT_USERS}.isdisjoint(users)
+    held = {u.name: u.angle for u in HELDOUT_USERS}
+    assert held == {"big-light": 45.0, "small-light": 135.0, "small-dark": 225.0, "big-dark": 315.0}
 
 
 def test_opposite_users_label_the_same_pairs_oppositely(tmp_path):
