@@ -25,7 +25,8 @@ Encoders (``UserEncoderConfig.type``):
             plus the lightness relative to the background (``saliency_luma``, 2·grid² values); with ``centre: true``
             the maps are first shifted so that the saliency centroid sits at the image centre, so the thumbnails show
             the object's size, shape and shade and not where it is; or (``object``) three statistics of the object
-            itself, :func:`object_statistics`: area, lightness, elongation; features ``[mean_k d_k]``, (1, D). Stands in for CLIP in the toy world, which has no pretrained image encoder.
+            itself, :func:`object_statistics`: area, lightness, elongation. Features ``[mean_k d_k]``, (1, D).
+            Stands in for CLIP in the toy world, which has no pretrained image encoder.
 ==========  ===========================================================================================================
 
 Means over the examples make ``clip`` and ``pixels`` features independent of the examples' order and defined for
@@ -46,7 +47,8 @@ from torch import nn
 ENCODER_TYPES = ("clip", "vlm", "pixels")
 PIXEL_CHANNELS = ("rgb", "saliency", "saliency_luma", "object")
 _PIXEL_CHANNEL_COUNT = {"rgb": 3, "saliency": 1, "saliency_luma": 2}
-OBJECT_THRESHOLD = 0.2  # saliency above which a pixel is the object (channels: object; the toy palette is >= 0.25 apart)
+# Saliency above which a pixel is the object (channels: object); the toy palette's colours are >= 0.25 apart.
+OBJECT_THRESHOLD = 0.2
 VLM_POOLING = ("mean_last", "mean", "last")
 # Used when ``model`` is not given. CLIP ViT-L/14 is SD1.5's text tower family; LLaVA-OneVision is the paper's VLM
 # (its smallest size; the paper's size is not published).

@@ -344,7 +344,7 @@ def config_from_args(args) -> PretrainConfig:
     """The :class:`PretrainConfig` the command line asks for: defaults unless a flag is given."""
     overrides = {k: v for k, v in (("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps),
                                    ("n_images", args.n_images), ("aspect_jitter", args.aspect_jitter),
-                                   ("shade_jitter", getattr(args, "shade_jitter", None)))
+                                   ("shade_jitter", args.shade_jitter))
                  if v is not None}
     if args.unet_down_block_types:
         overrides["model"] = ToyModelConfig(unet_down_block_types=tuple(args.unet_down_block_types))

@@ -148,7 +148,8 @@ def random_spec(rng: np.random.Generator, caption: str, aspect_jitter: float = 0
     ``A = L = 0`` draws exactly what it always drew (same random stream)."""
     colour, shape, background = parse_caption(caption)
     if not 0.0 <= aspect_jitter <= MAX_ASPECT_JITTER:
-        raise ValueError(f"aspect_jitter must be in [0, {MAX_ASPECT_JITTER:.3f}] (the shape must fit), got {aspect_jitter}")
+        raise ValueError(f"aspect_jitter must be in [0, {MAX_ASPECT_JITTER:.3f}] (the shape must fit), "
+                         f"got {aspect_jitter}")
     if not 0.0 <= shade_jitter <= MAX_SHADE_JITTER:
         raise ValueError(f"shade_jitter must be in [0, {MAX_SHADE_JITTER}] (colours must keep their names), "
                          f"got {shade_jitter}")
