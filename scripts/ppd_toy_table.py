@@ -3,20 +3,20 @@
     python scripts/ppd_toy_table.py --out runs/ppd-toy            # ~9 min on 1 CPU thread
     python scripts/ppd_toy_table.py --quick --out /tmp/ppd-quick   # smoke run, ~1-2 min
 
-1. Base model: ``assets/toy-sd-ppd`` (the shapes world with free shades, cross-attention at 8x8 too) when present, else
-   ``assets/toy-sd``, else a random tiny SD pipeline (numbers are then
-   only a smoke test).
-2. Data: ``--pool`` pairs of base samples on the TRAIN prompts; each of the four training users (big, light, small,
-   dark; :mod:`diffalign.personalization.toy`) labels every pair with their own reward: opposite users give
-   opposite labels to the same pair. A Pick-a-Pic-schema parquet with ``user_id``.
-3. Train one PPD model on all users with ``configs/toy_ppd.yaml`` (objective ``ppd``, object-statistics user
-   encoder, user branch only), its model/data/output paths and seed overridden.
+1. Base model: ``assets/toy-sd-ppd`` (the shapes world with free colours, cross-attention at 8x8 too) when present,
+   else ``assets/toy-sd``, else a random tiny SD pipeline (numbers are then only a smoke test).
+2. Data: ``--pool`` pairs of base samples on the TRAIN prompts; each of the four training users (light, warm, dark,
+   cold; :mod:`diffalign.personalization.toy`), or with ``--train-every 30`` twelve, labels every pair with their own
+   reward: opposite users give opposite labels to the same pair. A Pick-a-Pic-schema parquet with ``user_id``.
+3. Train one PPD model on all users with ``configs/toy_ppd.yaml`` (objective ``ppd``, mean-colour user encoder,
+   user branch only), its model/data/output paths and seed overridden (``--reuse-run``: evaluate the model already
+   in ``OUT/run``).
 4. Evaluate on the HELD-OUT prompts, the same seeds for every column: no user (the base) and one column per user,
-   the four training users and four held-out users (big-light 45°, small-light 135°, small-dark 225°, big-dark 315°;
-   never trained on). Every user is served from 4 fresh examples (``--serve stored``: training users from the run's
-   stored embedding instead): ``draws`` disjoint draws of 4 examples, image ``i`` of the column made with draw
+   the four named training users and four held-out users (light-warm 45°, dark-warm 135°, dark-cold 225°, light-cold
+   315°; never trained on). Every user is served from 4 fresh examples (``--serve stored``: training users from the
+   run's stored embedding instead): ``draws`` disjoint draws of 4 examples, image ``i`` of the column made with draw
    ``i mod draws``, so the cell averages over which 4 examples the user happened to give. Every image is scored by
-   every user's oracle. Then interpolation big -> small in embedding space (and in prediction space).
+   every user's oracle. Then interpolation light -> dark in embedding space (and in prediction space).
 5. Writes ``table.md`` (the markdown for docs/ppd.md) and ``results.json`` to ``--out``.
 """
 
@@ -61,6 +61,17 @@ def main(argv=None) -> int:
                         "their training sets' features, what `--user ID` uses)")
     p.add_argument("--tie-margin", type=float, default=0.01,
                    help="users leave pairs with |Δr| <= this out, in their labels and their few-shot examples")
+    p.add_argument("--train-every", type=float, default=90.0,
+                   help="a training user every this many degrees of the taste circle (default 90: the four of the "
+                        "table); e.g. 30 adds eight more users who label the pairs and train, but are not in the table")
+    p.add_argument("--user-scale", type=float,
+                   help="scale s of the user branch at inference (default: the trained one, 1)")
+    p.add_argument("--cond-only", action="store_true",
+                   help="user tokens on the conditional half of classifier-free guidance only (IP-Adapter's "
+                        "practice): the user's effect is multiplied by the guidance scale")
+    p.add_argument("--reuse-run", action="store_true",
+                   help="evaluate the model already trained in OUT/run (same seed and data options) instead of "
+                        "training again")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 is fastest for these tiny models on a busy machine (2 threads spin on "
                         "contended cores)")
@@ -72,13 +83,15 @@ def main(argv=None) -> int:
     from diffalign.personalization.io import load_user_embeddings
     from diffalign.personalization.toy import (
         GENERATION, HELDOUT_USERS, TRAIN_USERS, label_pairs, load_pipeline, sample_pairs, toy_base_model,
-        toy_prompts, user_examples, write_pairs,
+        toy_prompts, training_users, user_examples, write_pairs,
     )
     from diffalign.personalization.trainer import PersonalizedTrainer
     from diffalign.training.config import load_config
 
     o = dict(QUICK if args.quick else FULL)
     out = Path(args.out)
+    if args.reuse_run and not (out / "run" / "summary.json").is_file():
+        p.error(f"--reuse-run: no finished run in {out / 'run'} (summary.json missing); run without it first")
     out.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.time(), time.process_time()
     timings = {}
@@ -91,7 +104,8 @@ def main(argv=None) -> int:
 
     # 1-2. pairs labelled by every training user; held-out users' 4 examples from fresh base samples
     pool = sample_pairs(pipe, train_prompts, o["pool"], seed=args.seed)
-    cols = label_pairs(pool, TRAIN_USERS, tie_margin=args.tie_margin)
+    trained = training_users(args.train_every)
+    cols = label_pairs(pool, trained, tie_margin=args.tie_margin)
     pairs_path = write_pairs(cols, out / "pairs")
     fresh = sample_pairs(pipe, train_prompts, 16 * o["draws"], seed=args.seed + 1)
     served = HELDOUT_USERS if args.serve == "stored" else TRAIN_USERS + HELDOUT_USERS
@@ -107,9 +121,12 @@ def main(argv=None) -> int:
                  f"seed={args.seed}", f"objective.num_examples={o['examples']}", *(QUICK_OVERRIDES if args.quick else []),
                  *args.set]
     cfg = load_config(CONFIG, overrides)
-    trainer = PersonalizedTrainer(cfg).setup(overwrite=True)
-    summary = trainer.train()
-    trainer.cleanup()
+    if args.reuse_run:
+        summary = json.loads((run / "summary.json").read_text())
+    else:
+        trainer = PersonalizedTrainer(cfg).setup(overwrite=True)
+        summary = trainer.train()
+        trainer.cleanup()
     timings["train_s"] = time.time() - t1
 
     # 4. evaluation: the same seeds for every embedding
@@ -129,7 +146,8 @@ def main(argv=None) -> int:
         for d, mix in enumerate(mixtures):
             idx = list(range(d, len(prompts), len(mixtures)))
             made = generate_with_users(pipe, [prompts[i] for i in idx], [seeds[i] for i in idx], mixture=mix,
-                                       space=space, **GENERATION)
+                                       space=space, cond_only=args.cond_only, user_scale=args.user_scale,
+                                       **GENERATION)
             for i, im in zip(idx, made):
                 images[i] = im
         r = {u.name: u.reward(images) for u in users}
@@ -160,7 +178,7 @@ def main(argv=None) -> int:
     for u in users:
         columns[u.name] = score([[(1.0, tok)] for tok in tokens[u.name]])
     interp = {"embedding": {}, "prediction": {}}
-    a_user, b_user = "big", "small"
+    a_user, b_user = TRAIN_USERS[0].name, TRAIN_USERS[2].name  # opposite users
     for alpha in ALPHAS:
         for space in interp:
             if alpha in (0.0, 1.0):
@@ -209,10 +227,13 @@ def main(argv=None) -> int:
             monotone[f"{who}/{space}"] = bool(np.all(diffs < 0) if who == a_user else np.all(diffs > 0))
     interp_md = "\n".join(ilines)
     results = {
-        "seed": args.seed, "quick": args.quick, "tie_margin": args.tie_margin, "serve": args.serve, "base_model": model, "base_is_toy": is_toy, "settings": o, "config": cfg.to_dict(),
+        "seed": args.seed, "quick": args.quick, "tie_margin": args.tie_margin, "serve": args.serve,
+        "train_every": args.train_every, "user_scale": args.user_scale, "cond_only": args.cond_only,
+        "reused_run": args.reuse_run, "base_model": model, "base_is_toy": is_toy, "settings": o,
+        "config": cfg.to_dict(),
         "generation": GENERATION, "eval_prompts": eval_prompts, "eval_seeds": [seeds[0], seeds[-1]],
         "n_eval_images_per_column": len(prompts), "train_rows_per_user": {u.name: cols["user_id"].count(u.name)
-                                                                          for u in TRAIN_USERS},
+                                                                          for u in trained},
         "heldout_example_seed": args.seed + 1, "final_train_metrics": summary.get("final", {}),
         "table": {c: {k: float(v.mean()) for k, v in r.items()} for c, r in columns.items()},
         "interpolation": {s: {str(a): {k: float(v.mean()) for k, v in r.items()} for a, r in d.items()}

@@ -1,47 +1,46 @@
 r"""A toy multi-user world for PPD: users with conflicting, pixel-defined tastes label the same image pairs.
 
-**Users are favourite looks of the object.** Two statistics of an image ``x`` (32x32 RGB), read from its foreground
-mask ``F`` = pixels farther than :data:`FOREGROUND_THRESHOLD` from the background colour (the median of the
-one-pixel border; :func:`diffalign.personalization.user_encoder.saliency_maps`):
+**Users are favourite looks of the whole image.** Two statistics of an image ``x`` (32x32 RGB in [0, 1]):
 
 .. math::
 
-    a(x) = (|F| / HW - 0.25) / 0.15 \quad(\text{big} \leftrightarrow \text{small}), \qquad
-    l(x) = \operatorname{mean}_{p \in F} \tfrac13 (R_p + G_p + B_p) \quad(\text{light} \leftrightarrow \text{dark})
+    l(x) = \operatorname{mean}_p \tfrac13 (R_p + G_p + B_p) \quad(\text{light} \leftrightarrow \text{dark}), \qquad
+    w(x) = \operatorname{mean}_p (R_p - B_p) \quad(\text{warm} \leftrightarrow \text{cold})
 
-(RGB in [0, 1]; ``l = 0`` for an empty mask). Both are properties of the object, not of where it is. That matters: a
-convolutional U-Net is translation-equivariant and the user tokens are the same at every position, so a user branch
-can change how big or how light a shape is drawn, but hardly where it is. Earlier versions of this world used
-centredness as the second taste (the trained branch met it only by shrinking shapes) and then elongation (wide vs.
-tall; not learned at all); in both, every user was in effect a point on the size axis and no held-out user between
-two training users could be served (docs/ppd.md).
+Both hold everywhere in the image, which matters: a convolutional U-Net is translation-equivariant and the user tokens
+are the same at every position, so the easiest thing a user branch can learn is a change that is the same
+everywhere. Earlier versions of this world, recorded in docs/ppd.md, used properties of the object: centredness (met
+only by shrinking shapes), elongation (not learned), size with the object's lightness (learned, but size three times
+more weakly, so a user between the two axes was served better by the lightness user), and the object's lightness
+with the background's (both became one "lighten everything" move).
 
 The axes are **whitened over pair differences** (two base samples of one prompt, the pairs users label):
 
 .. math::
 
-    z_1(x) = a(x) / s_a, \qquad z_2(x) = (l(x) - k\,a(x)) / s_l
+    z_1(x) = l(x) / s_l, \qquad z_2(x) = (w(x) - k\,l(x)) / s_w
 
-with ``s_a`` the standard deviation of Δa, ``k`` the slope of Δl on Δa and ``s_l`` the standard deviation of the
+with ``s_l`` the standard deviation of Δl, ``k`` the slope of Δw on Δl and ``s_w`` the standard deviation of the
 residual (:data:`TASTE_WHITENING`, measured by :func:`fit_taste_whitening` on 400 pairs of the base model:
-``python -m diffalign.personalization.toy fit-axes``). Over those pairs Δz has identity covariance: "bigger" and
-"lighter" are independent tastes of equal spread. User ``θ`` (an angle in that plane) has the reward
-``r_θ(x) = cos θ · z_1(x) + sin θ · z_2(x)``. The four training users (:data:`TRAIN_USERS`) sit at 0° (big), 90°
-(light), 180° (small) and 270° (dark): opposite users have exactly opposite rewards, so one pair of images gets
-opposite labels from them. Held-out users (:data:`HELDOUT_USERS`, halfway between two training users: big-light,
-small-light, small-dark, big-dark) are never trained on; PPD serves them from 4 examples. Because the axes are
+``python -m diffalign.personalization.toy fit-axes``). Over those pairs Δz has identity covariance: "lighter" and
+"warmer" are independent tastes of equal spread. User ``θ`` (an angle in that plane) has the reward
+``r_θ(x) = cos θ · z_1(x) + sin θ · z_2(x)``. The four training users (:data:`TRAIN_USERS`) sit at 0° (light), 90°
+(warm), 180° (dark) and 270° (cold): opposite users have exactly opposite rewards, so one pair of images gets
+opposite labels from them. Held-out users (:data:`HELDOUT_USERS`, halfway between two training users: light-warm,
+dark-warm, dark-cold, light-cold) are never trained on; PPD serves them from 4 examples. Because the axes are
 whitened, the mean preference direction of a user's decisive pairs (what an encoder can read from examples) points
-along the user's own ``θ``.
+along the user's own ``θ``. :func:`training_users` can add users every 30° or 15° between the four.
 
 **Base model**: ``assets/toy-sd-ppd`` (:data:`TOY_MODEL_DIR`), the shapes-world pipeline pretrained by the same
-script on shapes whose shade varies freely (the caption's colour blended up to 30 % toward white or black,
-:mod:`diffalign.toy.shapes`) and with text cross-attention at the 8x8 latent level too (``python -m diffalign.toy
-pretrain --out assets/toy-sd-ppd --seed 0 --threads 2 --shade-jitter 0.3 --unet-down-block-types CrossAttnDownBlock2D
-CrossAttnDownBlock2D``). Size and shade are not in the captions, so the base model draws a spread of both for any
-prompt and each user's taste can be met on every prompt; one PPD model has to learn from the user's embedding which
-way to move. Without the folder, ``assets/toy-sd`` (palette colours: only the size taste can be met); without that,
-a random tiny SD pipeline (:mod:`diffalign.models.tiny`) whose blob-like samples still vary, enough to exercise the
-code.
+script on images whose colours vary freely (:mod:`diffalign.toy.shapes`: the shape's and the background's colour each
+blended up to 30 % toward white or black, then the whole image up to 20 % toward warm orange or cold azure) and with
+text cross-attention at the 8x8 latent level too (``python -m diffalign.toy pretrain --out assets/toy-sd-ppd --seed 0
+--threads 2 --shade-jitter 0.3 --background-jitter 0.3 --cast-jitter 0.2 --unet-down-block-types CrossAttnDownBlock2D
+CrossAttnDownBlock2D``). None of this is in the captions, so the base model draws a spread of lightness and warmth for
+any prompt and each user's taste can be met on every prompt; one PPD model has to learn from the user's embedding
+which way to move. Without the folder, ``assets/toy-sd`` (palette colours: only the shapes' sizes and positions vary,
+so the tastes are barely met); without that, a random tiny SD pipeline (:mod:`diffalign.models.tiny`) whose blob-like
+samples still vary, enough to exercise the code.
 
     python -m diffalign.personalization.toy make-pairs --out runs/ppd-toy/pairs      # data for configs/toy_ppd.yaml
     python -m diffalign.personalization.toy fit-axes                                 # re-measure TASTE_WHITENING
@@ -56,38 +55,38 @@ from pathlib import Path
 
 import numpy as np
 
-from .user_encoder import PreferenceExample, object_statistics
+from .user_encoder import PreferenceExample
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 TOY_MODEL_DIR = ASSETS / "toy-sd-ppd"  # the PPD base (module doc); falls back to the demo's assets/toy-sd
-TASTE_FEATURES = ("area", "lightness")
-FOREGROUND_THRESHOLD = 0.2  # saliency (RGB distance / √3); the toy palette's colours are >= 0.25 apart
+TASTE_FEATURES = ("lightness", "warmth")
 # Sampling defaults of the toy pipeline (diffalign.toy.components): 20 DDIM steps, CFG 5.
 GENERATION = {"num_inference_steps": 20, "guidance_scale": 5.0}
-# (s_a, k, s_l) of the module doc, from `python -m diffalign.personalization.toy fit-axes` (400 pairs, seed 0, of
-# assets/toy-sd-ppd on the training prompts; Δa and Δl correlate at 0.04 there). Re-measure when the base changes.
-TASTE_WHITENING = (0.4118, 0.0046, 0.0433)
+# (s_l, k, s_w) of the module doc, from `python -m diffalign.personalization.toy fit-axes` (400 pairs, seed 0, of
+# assets/toy-sd-ppd on the training prompts; Δl and Δw correlate at -0.05 there). Re-measure when the base changes.
+TASTE_WHITENING = (0.0278, -0.1242, 0.0628)
 FALLBACK_PROMPTS = [f"a {c} {s} on a {b} background" for c, b in (("red", "blue"), ("blue", "yellow"),
                                                                    ("green", "purple"), ("yellow", "white"))
                     for s in ("circle", "square")]
 
 
-def object_features(images) -> np.ndarray:
-    """(N, 2): area ``a`` and lightness ``l`` of each image's foreground (see the module doc); PIL images."""
-    stats = object_statistics(images, FOREGROUND_THRESHOLD)  # (N, 3): area fraction, lightness, elongation
-    return np.stack([(stats[:, 0] - 0.25) / 0.15, stats[:, 1]], axis=1)
+def image_features(images) -> np.ndarray:
+    """(N, 2): lightness ``l`` and warmth ``w`` of each whole image (module doc); PIL images."""
+    rgb = np.stack([np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0 for im in images])  # (N, H, W, 3)
+    return np.stack([rgb.mean((1, 2, 3)), (rgb[..., 0] - rgb[..., 2]).mean((1, 2))], axis=1)
 
 
 def taste_axes(images, whitening: tuple[float, float, float] = TASTE_WHITENING) -> np.ndarray:
-    """(N, 2): the whitened taste coordinates ``z_1`` (size), ``z_2`` (lightness beyond size) of the module doc."""
-    s_a, k, s_l = whitening
-    f = object_features(images)
-    return np.stack([f[:, 0] / s_a, (f[:, 1] - k * f[:, 0]) / s_l], axis=1)
+    """(N, 2): the whitened taste coordinates ``z_1`` (lightness), ``z_2`` (warmth beyond lightness) of the module
+    doc."""
+    s_l, k, s_w = whitening
+    f = image_features(images)
+    return np.stack([f[:, 0] / s_l, (f[:, 1] - k * f[:, 0]) / s_w], axis=1)
 
 
 def fit_taste_whitening(features_0: np.ndarray, features_1: np.ndarray) -> tuple[float, float, float]:
-    """``(s_a, k, s_l)`` from the object features (N, 2) of the two images of N pairs: with ``Δ = f_0 - f_1``
-    (zero-mean by symmetry), ``s_a² = E[Δa²]``, ``k = E[Δa Δl] / E[Δa²]``, ``s_l² = E[(Δl - k Δa)²]``."""
+    """``(s_l, k, s_w)`` from the image features (N, 2) of the two images of N pairs: with ``Δ = f_0 - f_1``
+    (zero-mean by symmetry), ``s_l² = E[Δl²]``, ``k = E[Δl Δw] / E[Δl²]``, ``s_w² = E[(Δw - k Δl)²]``."""
     d = np.asarray(features_0, np.float64) - np.asarray(features_1, np.float64)
     var_a = float(np.mean(d[:, 0] ** 2))
     k = float(np.mean(d[:, 0] * d[:, 1]) / var_a)
@@ -111,9 +110,23 @@ class ToyUser:
         return taste_axes(images) @ self.direction
 
 
-TRAIN_USERS = (ToyUser("big", 0.0), ToyUser("light", 90.0), ToyUser("small", 180.0), ToyUser("dark", 270.0))
-HELDOUT_USERS = (ToyUser("big-light", 45.0), ToyUser("small-light", 135.0), ToyUser("small-dark", 225.0),
-                 ToyUser("big-dark", 315.0))
+TRAIN_USERS = (ToyUser("light", 0.0), ToyUser("warm", 90.0), ToyUser("dark", 180.0), ToyUser("cold", 270.0))
+HELDOUT_USERS = (ToyUser("light-warm", 45.0), ToyUser("dark-warm", 135.0), ToyUser("dark-cold", 225.0),
+                 ToyUser("light-cold", 315.0))
+
+
+def training_users(every: float = 90.0) -> tuple[ToyUser, ...]:
+    """The training users: one every ``every`` degrees around the taste circle, starting at 0° (light). The four of
+    :data:`TRAIN_USERS` keep their names; the others are ``taste-<angle>`` (e.g. ``taste-030``). ``every`` must
+    divide 90 (so the four named users are among them) and must not put a user on a held-out angle."""
+    if every <= 0 or 90.0 % every:
+        raise ValueError(f"training users every {every:g}°: the spacing must divide 90°")
+    angles = [k * every for k in range(round(360 / every))]
+    clash = sorted({u.angle for u in HELDOUT_USERS} & set(angles))
+    if clash:
+        raise ValueError(f"training users every {every:g}° would train on the held-out angles {clash}")
+    named = {u.angle: u for u in TRAIN_USERS}
+    return tuple(named.get(a, ToyUser(f"taste-{a:03.0f}", a)) for a in angles)
 
 
 def toy_prompts() -> tuple[list[str], list[str]]:
@@ -237,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     mk.add_argument("--model", help="base pipeline (default: assets/toy-sd-ppd, else a random tiny one)")
     mk.add_argument("--n-pairs", type=int, default=300)
     mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--train-every", type=float, default=90.0,
+                    help="a training user every this many degrees (default 90: light, warm, dark, cold)")
     fit = sub.add_parser("fit-axes", help="measure TASTE_WHITENING on base-model pairs of the training prompts")
     fit.add_argument("--model", help="base pipeline (default: assets/toy-sd-ppd, else a random tiny one)")
     fit.add_argument("--n-pairs", type=int, default=400)
@@ -245,14 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     train, _ = toy_prompts()
     if args.command == "fit-axes":
         pairs = sample_pairs(load_pipeline(args.model or toy_base_model(".")[0]), train, args.n_pairs, seed=args.seed)
-        whitening = fit_taste_whitening(object_features(pairs.images_0), object_features(pairs.images_1))
+        whitening = fit_taste_whitening(image_features(pairs.images_0), image_features(pairs.images_1))
         print(json.dumps({"TASTE_WHITENING": [round(v, 4) for v in whitening], "n_pairs": args.n_pairs}))
         return 0
     model = args.model or toy_base_model(Path(args.out).parent)[0]
     pairs = sample_pairs(load_pipeline(model), train, args.n_pairs, seed=args.seed)
-    cols = label_pairs(pairs, TRAIN_USERS)
+    users = training_users(args.train_every)
+    cols = label_pairs(pairs, users)
     path = write_pairs(cols, args.out)
-    counts = {u.name: cols["user_id"].count(u.name) for u in TRAIN_USERS}
+    counts = {u.name: cols["user_id"].count(u.name) for u in users}
     print(json.dumps({"model": model, "pairs": str(path), "rows_per_user": counts}))
     return 0
 

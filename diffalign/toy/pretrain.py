@@ -60,6 +60,10 @@ class PretrainConfig:
         "help": "Elongation jitter A of the rendered shapes, α ~ U[-A, A] (diffalign.toy.shapes); 0: as wide as tall."})
     shade_jitter: float = field(default=0.0, metadata={
         "help": "Shade jitter L of the shapes' fill, λ ~ U[-L, L] (diffalign.toy.shapes); 0: the palette colour."})
+    background_jitter: float = field(default=0.0, metadata={
+        "help": "Shade jitter M of the background, μ ~ U[-M, M] (diffalign.toy.shapes); 0: the palette colour."})
+    cast_jitter: float = field(default=0.0, metadata={
+        "help": "Colour-cast jitter T of the whole image, τ ~ U[-T, T] toward warm or cold (diffalign.toy.shapes)."})
     # VAE.
     vae_steps: int = field(default=600, metadata={"help": "VAE optimiser steps."})
     vae_batch_size: int = field(default=64, metadata={"help": "VAE batch size."})
@@ -247,7 +251,8 @@ def evaluate(pipe, cfg: PretrainConfig) -> dict:
     # VAE reconstruction on fresh renders of every prompt (seed offset keeps them out of the training set).
     prompts_all = train_prompts() + heldout_prompts()
     caps = sample_captions(len(prompts_all) * 4, cfg.seed + 1, prompts_all)
-    images, _ = render_batch(caps, cfg.seed + 1, cfg.aspect_jitter, cfg.shade_jitter)
+    images, _ = render_batch(caps, cfg.seed + 1, cfg.aspect_jitter, cfg.shade_jitter, cfg.background_jitter,
+                             cfg.cast_jitter)
     x = _to_model_range(images)
     recon = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
     recon01 = (recon + 1) / 2
@@ -282,7 +287,8 @@ def pretrain(
 
     prompts = train_prompts()
     captions = sample_captions(cfg.n_images, cfg.seed, prompts)
-    images, _ = render_batch(captions, cfg.seed, cfg.aspect_jitter, cfg.shade_jitter)  # (N, 32, 32, 3) uint8
+    images, _ = render_batch(  # (N, 32, 32, 3) uint8
+        captions, cfg.seed, cfg.aspect_jitter, cfg.shade_jitter, cfg.background_jitter, cfg.cast_jitter)
     lookup = {p: i for i, p in enumerate(prompts)}
     prompt_index = torch.tensor([lookup[c] for c in captions])
     prompt_ids = tokenizer(
@@ -344,7 +350,9 @@ def config_from_args(args) -> PretrainConfig:
     """The :class:`PretrainConfig` the command line asks for: defaults unless a flag is given."""
     overrides = {k: v for k, v in (("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps),
                                    ("n_images", args.n_images), ("aspect_jitter", args.aspect_jitter),
-                                   ("shade_jitter", args.shade_jitter))
+                                   ("shade_jitter", args.shade_jitter),
+                                   ("background_jitter", args.background_jitter),
+                                   ("cast_jitter", args.cast_jitter))
                  if v is not None}
     if args.unet_down_block_types:
         overrides["model"] = ToyModelConfig(unet_down_block_types=tuple(args.unet_down_block_types))
@@ -369,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shade-jitter", type=float, default=None, metavar="L",
                    help="shade each shape's colour by λ ~ U[-L, L] toward white (λ > 0) or black (default 0; the PPD "
                         "toy base uses 0.3)")
+    p.add_argument("--background-jitter", type=float, default=None, metavar="M",
+                   help="shade each background's colour by μ ~ U[-M, M] the same way (default 0; the PPD toy base "
+                        "uses 0.3)")
+    p.add_argument("--cast-jitter", type=float, default=None, metavar="T",
+                   help="blend each image toward warm (τ > 0) or cold by |τ|, τ ~ U[-T, T] (default 0; the PPD toy "
+                        "base uses 0.2)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.threads:

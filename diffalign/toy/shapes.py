@@ -15,8 +15,12 @@ elongation ``α`` centred at ``(cx, cy)`` fills the box ``[cx - w, cx + w] x [cy
 ``α``). By default ``α = 0`` (squares, circles, isosceles triangles as tall as wide); ``aspect_jitter = A`` draws
 ``α ~ U[-A, A]``. The fill is the caption's colour ``c`` shaded by ``λ``: ``c + λ(255 - c)`` (lighter) for
 ``λ > 0``, ``(1 + λ) c`` (darker) for ``λ < 0``; by default ``λ = 0``, and ``shade_jitter = L`` draws
-``λ ~ U[-L, L]``. Both are free attributes beside size that, unlike position, a translation-equivariant U-Net could
-change; the PPD toy world (:mod:`diffalign.personalization.toy`) uses the shade:
+``λ ~ U[-L, L]``. The background's colour ``b`` is shaded the same way by ``μ``, by default 0;
+``background_jitter = M`` draws ``μ ~ U[-M, M]``. Last, a colour cast ``τ`` blends both colours toward warm
+``(255, 128, 0)`` (``τ > 0``) or cold ``(0, 128, 255)`` (``τ < 0``) by ``|τ|``; by default 0, ``cast_jitter = T``
+draws ``τ ~ U[-T, T]`` (at ``T = 0.2`` with both shades at 0.3, about 4 % of the fills are nearer another palette
+colour than their own). These are free attributes beside size that, unlike position, a translation-equivariant U-Net
+could change; the PPD toy world (:mod:`diffalign.personalization.toy`) uses the shades and the cast:
 
 ==========  ===================================================  ==========================
 shape       region                                               area / box area
@@ -55,6 +59,9 @@ MAX_HALF_SIZE = 12.0
 MAX_ASPECT_JITTER = 2 * float(np.log(IMAGE_SIZE / 2 / MAX_HALF_SIZE))
 # Largest shade jitter L: at 0.3 every shaded palette colour is still nearest to its own name (the oracle's test).
 MAX_SHADE_JITTER = 0.3
+# Colour cast (module doc): the warm and cold colours (equally light) and the largest cast jitter T.
+WARM, COLD = (255, 128, 0), (0, 128, 255)
+MAX_CAST_JITTER = 0.3
 
 CAPTION_TEMPLATE = "a {colour} {shape} on a {background} background"
 _CAPTION_RE = re.compile(r"^a (\w+) (\w+) on a (\w+) background$")
@@ -123,6 +130,8 @@ class ShapeSpec:
     cy: float
     aspect: float = 0.0
     shade: float = 0.0
+    background_shade: float = 0.0
+    cast: float = 0.0
 
     @property
     def caption(self) -> str:
@@ -130,10 +139,13 @@ class ShapeSpec:
 
     @property
     def fill(self) -> tuple[int, int, int]:
-        """The shape's RGB: the caption's colour shaded by λ (module doc)."""
-        c = np.array(COLOURS[self.colour], dtype=np.float64)
-        shaded = c + self.shade * (255.0 - c) if self.shade > 0 else (1.0 + self.shade) * c
-        return tuple(int(v) for v in np.round(shaded))
+        """The shape's RGB: the caption's colour shaded by λ, then cast by τ (module doc)."""
+        return cast_colour(shade_colour(COLOURS[self.colour], self.shade), self.cast)
+
+    @property
+    def background_fill(self) -> tuple[int, int, int]:
+        """The background's RGB: the caption's background colour shaded by μ, then cast by τ (module doc)."""
+        return cast_colour(shade_colour(COLOURS[self.background], self.background_shade), self.cast)
 
     @property
     def half_extents(self) -> tuple[float, float]:
@@ -141,11 +153,28 @@ class ShapeSpec:
         return self.half_size * float(np.exp(self.aspect / 2)), self.half_size * float(np.exp(-self.aspect / 2))
 
 
+def shade_colour(rgb: tuple[int, int, int], shade: float) -> tuple[int, int, int]:
+    """``c + shade·(255 - c)`` (lighter) for ``shade > 0``, ``(1 + shade)·c`` (darker) otherwise; rounded."""
+    c = np.array(rgb, dtype=np.float64)
+    shaded = c + shade * (255.0 - c) if shade > 0 else (1.0 + shade) * c
+    return tuple(int(v) for v in np.round(shaded))
+
+
+def cast_colour(rgb: tuple[int, int, int], cast: float) -> tuple[int, int, int]:
+    """``(1 - |τ|)·c + |τ|·warm`` for ``τ > 0``, ``... cold`` for ``τ < 0`` (:data:`WARM`, :data:`COLD`); rounded."""
+    if not cast:
+        return tuple(rgb)
+    target = np.array(WARM if cast > 0 else COLD, dtype=np.float64)
+    mixed = (1.0 - abs(cast)) * np.array(rgb, dtype=np.float64) + abs(cast) * target
+    return tuple(int(v) for v in np.round(mixed))
+
+
 def random_spec(rng: np.random.Generator, caption: str, aspect_jitter: float = 0.0,
-                shade_jitter: float = 0.0) -> ShapeSpec:
+                shade_jitter: float = 0.0, background_jitter: float = 0.0, cast_jitter: float = 0.0) -> ShapeSpec:
     """Draw ``half_size ~ U[6, 12]`` px, with ``aspect_jitter`` A > 0 an elongation ``α ~ U[-A, A]``, and a centre
-    that keeps the whole shape inside the canvas; then, with ``shade_jitter`` L > 0, a shade ``λ ~ U[-L, L]``.
-    ``A = L = 0`` draws exactly what it always drew (same random stream)."""
+    that keeps the whole shape inside the canvas; then, with ``shade_jitter`` L > 0, a shade ``λ ~ U[-L, L]``; then,
+    with ``background_jitter`` M > 0, a background shade ``μ ~ U[-M, M]``; then, with ``cast_jitter`` T > 0, a colour
+    cast ``τ ~ U[-T, T]``. ``A = L = M = T = 0`` draws exactly what it always drew (same random stream)."""
     colour, shape, background = parse_caption(caption)
     if not 0.0 <= aspect_jitter <= MAX_ASPECT_JITTER:
         raise ValueError(f"aspect_jitter must be in [0, {MAX_ASPECT_JITTER:.3f}] (the shape must fit), "
@@ -153,6 +182,11 @@ def random_spec(rng: np.random.Generator, caption: str, aspect_jitter: float = 0
     if not 0.0 <= shade_jitter <= MAX_SHADE_JITTER:
         raise ValueError(f"shade_jitter must be in [0, {MAX_SHADE_JITTER}] (colours must keep their names), "
                          f"got {shade_jitter}")
+    if not 0.0 <= background_jitter <= MAX_SHADE_JITTER:
+        raise ValueError(f"background_jitter must be in [0, {MAX_SHADE_JITTER}] (colours must keep their names), "
+                         f"got {background_jitter}")
+    if not 0.0 <= cast_jitter <= MAX_CAST_JITTER:
+        raise ValueError(f"cast_jitter must be in [0, {MAX_CAST_JITTER}], got {cast_jitter}")
     s = float(rng.uniform(MIN_HALF_SIZE, MAX_HALF_SIZE))
     if not aspect_jitter:
         alpha = 0.0
@@ -162,13 +196,15 @@ def random_spec(rng: np.random.Generator, caption: str, aspect_jitter: float = 0
         w, h = s * float(np.exp(alpha / 2)), s * float(np.exp(-alpha / 2))
         cx, cy = float(rng.uniform(w, IMAGE_SIZE - w)), float(rng.uniform(h, IMAGE_SIZE - h))
     shade = float(rng.uniform(-shade_jitter, shade_jitter)) if shade_jitter else 0.0
-    return ShapeSpec(colour, shape, background, s, cx, cy, alpha, shade)
+    mu = float(rng.uniform(-background_jitter, background_jitter)) if background_jitter else 0.0
+    tau = float(rng.uniform(-cast_jitter, cast_jitter)) if cast_jitter else 0.0
+    return ShapeSpec(colour, shape, background, s, cx, cy, alpha, shade, mu, tau)
 
 
 def render(spec: ShapeSpec, *, supersample: int = 4) -> Image.Image:
     """Draw ``spec`` at ``supersample`` x resolution and box-filter down to 32x32 (anti-aliased edges)."""
     k = supersample
-    big = Image.new("RGB", (IMAGE_SIZE * k, IMAGE_SIZE * k), COLOURS[spec.background])
+    big = Image.new("RGB", (IMAGE_SIZE * k, IMAGE_SIZE * k), spec.background_fill)
     draw = ImageDraw.Draw(big)
     fill = spec.fill
     half_w, half_h = spec.half_extents
@@ -184,15 +220,15 @@ def render(spec: ShapeSpec, *, supersample: int = 4) -> Image.Image:
     return big.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
 
 
-def render_batch(captions: list[str], seed: int, aspect_jitter: float = 0.0,
-                 shade_jitter: float = 0.0) -> tuple[np.ndarray, list[ShapeSpec]]:
-    """Render one random image per caption (elongation and shade jitter: :func:`random_spec`).
+def render_batch(captions: list[str], seed: int, aspect_jitter: float = 0.0, shade_jitter: float = 0.0,
+                 background_jitter: float = 0.0, cast_jitter: float = 0.0) -> tuple[np.ndarray, list[ShapeSpec]]:
+    """Render one random image per caption (elongation, shade, background-shade and cast jitter: :func:`random_spec`).
     Deterministic in ``seed`` (numpy PCG64).
 
     Returns ``images`` uint8 of shape (N, 32, 32, 3) and the specs that made them.
     """
     rng = np.random.default_rng(seed)
-    specs = [random_spec(rng, c, aspect_jitter, shade_jitter) for c in captions]
+    specs = [random_spec(rng, c, aspect_jitter, shade_jitter, background_jitter, cast_jitter) for c in captions]
     images = np.stack([np.asarray(render(spec)) for spec in specs])  # (N, H, W, 3)
     return images, specs
 

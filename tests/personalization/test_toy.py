@@ -14,9 +14,10 @@ from diffalign.personalization.toy import (
     ToyUser,
     fit_taste_whitening,
     label_pairs,
-    object_features,
+    image_features,
     taste_axes,
     toy_base_model,
+    training_users,
     user_examples,
     write_pairs,
 )
@@ -40,23 +41,26 @@ def lightness(rgb):
     return sum(rgb) / 3 / 255
 
 
-def test_object_features_by_hand():
-    grey = (100, 100, 100)
-    images = [square(4, 10, 8), rect(12, 2, 16, 8, fg=YELLOW, bg=RED), rect(3, 3, 6, 20, fg=grey, bg=YELLOW),
-              Image.new("RGB", (32, 32), BLUE)]
-    f = object_features(images)
-    np.testing.assert_allclose(f[0], [(64 / 1024 - 0.25) / 0.15, lightness(RED)])
-    np.testing.assert_allclose(f[1], [(128 / 1024 - 0.25) / 0.15, lightness(YELLOW)])  # the object's, not the bg's
-    np.testing.assert_allclose(f[2], [(120 / 1024 - 0.25) / 0.15, lightness(grey)])
-    np.testing.assert_allclose(f[3], [-0.25 / 0.15, 0.0])  # nothing on the canvas
-    np.testing.assert_allclose(object_features([rect(20, 9, 12, 8)])[0, 1], lightness(RED))  # any position
+def warmth(rgb):
+    return (rgb[0] - rgb[2]) / 255
+
+
+def test_image_features_by_hand():
+    images = [square(4, 10, 8), rect(12, 2, 16, 8, fg=YELLOW, bg=RED), Image.new("RGB", (32, 32), BLUE)]
+    f = image_features(images)  # (lightness, warmth) of the whole image: pixel-count weighted means
+    np.testing.assert_allclose(f[0], [(64 * lightness(RED) + 960 * lightness(BLUE)) / 1024,
+                                      (64 * warmth(RED) + 960 * warmth(BLUE)) / 1024])
+    np.testing.assert_allclose(f[1], [(128 * lightness(YELLOW) + 896 * lightness(RED)) / 1024,
+                                      (128 * warmth(YELLOW) + 896 * warmth(RED)) / 1024])
+    np.testing.assert_allclose(f[2], [lightness(BLUE), warmth(BLUE)])
+    np.testing.assert_allclose(image_features([square(20, 2, 8)])[0], f[0])  # wherever the object is
 
 
 def test_taste_axes_by_hand():
     images = [square(4, 10, 8), rect(12, 2, 16, 8, fg=YELLOW, bg=RED)]
-    (a0, l0), (a1, l1) = object_features(images)
-    s_a, k, s_l = TASTE_WHITENING
-    np.testing.assert_allclose(taste_axes(images), [[a0 / s_a, (l0 - k * a0) / s_l], [a1 / s_a, (l1 - k * a1) / s_l]])
+    (l0, w0), (l1, w1) = image_features(images)
+    s_l, k, s_w = TASTE_WHITENING
+    np.testing.assert_allclose(taste_axes(images), [[l0 / s_l, (w0 - k * l0) / s_w], [l1 / s_l, (w1 - k * l1) / s_w]])
 
 
 def test_fit_taste_whitening_matches_a_cholesky_whitening():
@@ -75,9 +79,9 @@ def test_fit_taste_whitening_matches_a_cholesky_whitening():
 
 @pytest.mark.skipif(not (TOY_MODEL_DIR / "model_index.json").is_file(), reason="assets/toy-sd-ppd not shipped")
 def test_ppd_base_is_what_the_documented_pretrain_command_makes():
-    """assets/toy-sd-ppd: `python -m diffalign.toy pretrain ... --shade-jitter 0.3 --unet-down-block-types
-    CrossAttnDownBlock2D CrossAttnDownBlock2D` (module doc): the report's config is that command's, the U-Net has
-    cross-attention at 8x8."""
+    """assets/toy-sd-ppd: `python -m diffalign.toy pretrain ... --shade-jitter 0.3 --background-jitter 0.3
+    --cast-jitter 0.2 --unet-down-block-types CrossAttnDownBlock2D CrossAttnDownBlock2D` (module doc): the report's
+    config is that command's, the U-Net has cross-attention at 8x8."""
     import argparse
     import json
 
@@ -85,7 +89,8 @@ def test_ppd_base_is_what_the_documented_pretrain_command_makes():
 
     blocks = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
     args = argparse.Namespace(seed=0, vae_steps=None, unet_steps=None, n_images=None, aspect_jitter=None,
-                              shade_jitter=0.3, unet_down_block_types=blocks)
+                              shade_jitter=0.3, background_jitter=0.3, cast_jitter=0.2,
+                              unet_down_block_types=blocks)
     assert pretrain.load_report(TOY_MODEL_DIR)["config"] == pretrain.config_from_args(args).to_dict()
     unet = json.loads((TOY_MODEL_DIR / "unet" / "config.json").read_text())
     assert unet["down_block_types"] == blocks and unet["up_block_types"] == ["CrossAttnUpBlock2D"] * 2
@@ -93,41 +98,56 @@ def test_ppd_base_is_what_the_documented_pretrain_command_makes():
 
 
 def test_user_rewards():
-    # same area: light vs. dark square; then a big and a small one; the light one again elsewhere on another background
+    # light vs. dark red square; the same shades elsewhere, bigger; a warm and a cold cast of one image
     light, dark = (250, 120, 120), (120, 20, 20)
-    images = [square(4, 10, 12, fg=light), square(14, 4, 12, fg=dark), square(6, 6, 20), square(13, 13, 6),
-              square(18, 18, 12, fg=light, bg=YELLOW)]
+    warm_bg, cold_bg = (80, 90, 200), (20, 90, 250)  # about equally light, R - B far apart
+    images = [square(4, 10, 12, fg=light), square(4, 10, 12, fg=dark), square(6, 6, 12, bg=warm_bg),
+              square(6, 6, 12, bg=cold_bg), square(18, 18, 12, fg=light)]
     users = {u.name: u for u in TRAIN_USERS}
     r = {n: u.reward(images) for n, u in users.items()}
-    assert r["light"][0] > r["light"][1] and r["dark"][1] > r["dark"][0]
-    assert r["big"][2] > r["big"][3] and r["small"][3] > r["small"][2]
-    assert r["big"][0] == r["big"][1]  # same area: the size axis does not care about the shade
-    np.testing.assert_allclose(r["light"][0], r["light"][4])  # nor where the object is or what is around it
-    np.testing.assert_allclose(r["big"], -r["small"])  # opposite users, opposite rewards
-    np.testing.assert_allclose(r["light"], -r["dark"])
-    np.testing.assert_allclose(ToyUser("x", 45).reward(images), (r["big"] + r["light"]) / 2 ** 0.5)
+    z = taste_axes(images)
+    assert z[0, 0] > z[1, 0] and r["light"][0] > r["light"][1] and r["dark"][1] > r["dark"][0]
+    assert r["warm"][2] > r["warm"][3] and r["cold"][3] > r["cold"][2]
+    np.testing.assert_allclose(r["light"][0], r["light"][4])  # not where the object is
+    np.testing.assert_allclose(r["light"], z[:, 0])  # the users are the axes
+    np.testing.assert_allclose(r["warm"], z[:, 1])
+    np.testing.assert_allclose(r["light"], -r["dark"])  # opposite users, opposite rewards
+    np.testing.assert_allclose(r["warm"], -r["cold"])
+    np.testing.assert_allclose(ToyUser("x", 45).reward(images), (r["light"] + r["warm"]) / 2 ** 0.5)
     assert {u.name for u in HELDOUT_USERS}.isdisjoint(users)
     held = {u.name: u.angle for u in HELDOUT_USERS}
-    assert held == {"big-light": 45.0, "small-light": 135.0, "small-dark": 225.0, "big-dark": 315.0}
+    assert held == {"light-warm": 45.0, "dark-warm": 135.0, "dark-cold": 225.0, "light-cold": 315.0}
+
+
+def test_training_users_around_the_circle():
+    assert training_users() == TRAIN_USERS
+    users = training_users(30)
+    assert [u.angle for u in users] == [30.0 * k for k in range(12)]
+    assert set(TRAIN_USERS) <= set(users) and users[1] == ToyUser("taste-030", 30.0)
+    assert len({u.name for u in users}) == 12
+    with pytest.raises(ValueError, match="held-out"):
+        training_users(45)  # would train on the held-out light-warm, ...
+    with pytest.raises(ValueError, match="divide 90"):
+        training_users(40)  # would skip the named users
 
 
 def test_opposite_users_label_the_same_pairs_oppositely(tmp_path):
     from diffalign.data import PreferencePairs
 
-    big, small = square(4, 4, 20), square(4, 4, 8)
-    pairs = ImagePairs(["a red square on a blue background"] * 3, [big, small, big], [small, big, big],
+    pale, red = square(4, 4, 20, fg=(250, 120, 120)), square(4, 4, 8)  # a light red square, a red one
+    pairs = ImagePairs(["a red square on a blue background"] * 3, [pale, red, pale], [red, pale, pale],
                        [0, 2, 4], [1, 3, 5])
     cols = label_pairs(pairs, TRAIN_USERS)
-    rows = {name: [i for i, u in enumerate(cols["user_id"]) if u == name] for name in ("big", "small")}
-    assert len(rows["big"]) == len(rows["small"]) == 2  # the identical pair is a tie for everyone and is left out
-    assert [cols["label_0"][i] for i in rows["big"]] == [1.0, 0.0]
-    assert [cols["label_0"][i] for i in rows["small"]] == [0.0, 1.0]
+    rows = {name: [i for i, u in enumerate(cols["user_id"]) if u == name] for name in ("light", "dark")}
+    assert len(rows["light"]) == len(rows["dark"]) == 2  # the identical pair is a tie for everyone and is left out
+    assert [cols["label_0"][i] for i in rows["light"]] == [1.0, 0.0]
+    assert [cols["label_0"][i] for i in rows["dark"]] == [0.0, 1.0]
     ds = PreferencePairs(write_pairs(cols, tmp_path / "pairs").parent, split="train")
     assert len(ds) == len(cols["user_id"]) and list(ds.ds["user_id"]) == cols["user_id"]
     ex = user_examples(pairs, TRAIN_USERS[0], n=2)
-    assert ex[0].chosen is big and ex[1].chosen is big
+    assert ex[0].chosen is pale and ex[1].chosen is pale
     (second,) = user_examples(pairs, TRAIN_USERS[0], n=1, draw=1)  # the next decisive pair, not the first again
-    assert second.chosen is big and second.rejected is ex[1].rejected
+    assert second.chosen is pale and second.rejected is ex[1].rejected
     with pytest.raises(ValueError, match="decisive"):
         user_examples(pairs, TRAIN_USERS[0], n=3)
 

@@ -43,7 +43,7 @@ def test_cli_unet_blocks_flag_adds_cross_attention_at_8x8():
     from diffalign.toy.components import build_components
 
     base = {"seed": 0, "vae_steps": None, "unet_steps": None, "n_images": None, "aspect_jitter": None,
-            "shade_jitter": None}
+            "shade_jitter": None, "background_jitter": None, "cast_jitter": None}
     default = pretrain.config_from_args(argparse.Namespace(**base, unet_down_block_types=None))
     assert default.to_dict() == pretrain.PretrainConfig().to_dict()
     blocks = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]

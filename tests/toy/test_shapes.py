@@ -84,6 +84,41 @@ def test_shade_jitter_blends_the_colour_toward_white_or_black():
         shapes.render_batch(captions, seed=3, shade_jitter=0.5)
 
 
+def test_background_jitter_shades_the_background_after_the_shape():
+    captions = shapes.sample_captions(40, seed=3)
+    _, shaded = shapes.render_batch(captions, seed=3, shade_jitter=0.3)
+    _, specs = shapes.render_batch(captions, seed=3, shade_jitter=0.3, background_jitter=0.3)
+    mu = np.array([s.background_shade for s in specs])
+    assert np.abs(mu).max() <= 0.3 and mu.min() < -0.15 and mu.max() > 0.15
+    # drawn after the shape's shade: the first image's size, position and shade are those of the stream without it
+    first, same = specs[0], shaded[0]
+    assert (first.half_size, first.cx, first.cy, first.shade) == (same.half_size, same.cx, same.cy, same.shade)
+    spec = shapes.ShapeSpec("red", "square", "blue", 8, 16, 16, background_shade=-0.5)
+    assert spec.background_fill == (20, 35, 110) and spec.fill == shapes.COLOURS["red"]  # blue (40, 70, 220) / 2
+    img = np.asarray(shapes.render(spec))
+    assert tuple(img[0, 0]) == (20, 35, 110) and tuple(img[16, 16]) == shapes.COLOURS["red"]
+    with pytest.raises(ValueError, match="background_jitter"):
+        shapes.render_batch(captions, seed=3, background_jitter=0.5)
+
+
+def test_cast_jitter_blends_both_colours_toward_warm_or_cold():
+    captions = shapes.sample_captions(40, seed=3)
+    _, before = shapes.render_batch(captions, seed=3, shade_jitter=0.3, background_jitter=0.3)
+    _, specs = shapes.render_batch(captions, seed=3, shade_jitter=0.3, background_jitter=0.3, cast_jitter=0.2)
+    tau = np.array([s.cast for s in specs])
+    assert np.abs(tau).max() <= 0.2 and tau.min() < -0.1 and tau.max() > 0.1
+    assert (specs[0].shade, specs[0].background_shade) == (before[0].shade, before[0].background_shade)  # drawn last
+    warm = shapes.ShapeSpec("red", "square", "blue", 8, 16, 16, cast=0.5)
+    cold = shapes.ShapeSpec("red", "square", "blue", 8, 16, 16, cast=-0.25)
+    # red (220, 40, 40), blue (40, 70, 220); warm (255, 128, 0), cold (0, 128, 255); .5 rounds to even
+    assert warm.fill == (238, 84, 20) and warm.background_fill == (148, 99, 110)
+    assert cold.fill == (165, 62, 94) and cold.background_fill == (30, 84, 229)
+    img = np.asarray(shapes.render(cold))
+    assert tuple(img[0, 0]) == (30, 84, 229) and tuple(img[16, 16]) == (165, 62, 94)
+    with pytest.raises(ValueError, match="cast_jitter"):
+        shapes.render_batch(captions, seed=3, cast_jitter=0.5)
+
+
 def test_sample_captions_is_balanced():
     caps = shapes.sample_captions(2 * 78, seed=0)
     assert sorted(caps) == sorted(shapes.train_prompts() * 2)
