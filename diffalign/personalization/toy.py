@@ -10,9 +10,9 @@ r"""A toy multi-user world for PPD: users with conflicting, pixel-defined tastes
 Both hold everywhere in the image, which matters: a convolutional U-Net is translation-equivariant and the user tokens
 are the same at every position, so the easiest thing a user branch can learn is a change that is the same
 everywhere. Earlier versions of this world, recorded in docs/ppd.md, used properties of the object: centredness (met
-only by shrinking shapes), elongation (not learned), size with the object's lightness (learned, but size three times
-more weakly, so a user between the two axes was served better by the lightness user), and the object's lightness
-with the background's (both became one "lighten everything" move).
+only by shrinking shapes), elongation (not learned), size with the object's lightness (learned, but size two to two
+and a half times more weakly, so a user between the two axes was served better by the lightness user), and the
+object's lightness with the background's (both became one "lighten everything" move).
 
 The axes are **whitened over pair differences** (two base samples of one prompt, the pairs users label):
 
@@ -29,7 +29,7 @@ residual (:data:`TASTE_WHITENING`, measured by :func:`fit_taste_whitening` on 40
 opposite labels from them. Held-out users (:data:`HELDOUT_USERS`, halfway between two training users: light-warm,
 dark-warm, dark-cold, light-cold) are never trained on; PPD serves them from 4 examples. Because the axes are
 whitened, the mean preference direction of a user's decisive pairs (what an encoder can read from examples) points
-along the user's own ``θ``. :func:`training_users` can add users every 30° or 15° between the four.
+along the user's own ``θ``. :func:`training_users` can add users between the four, e.g. every 30°.
 
 **Base model**: ``assets/toy-sd-ppd`` (:data:`TOY_MODEL_DIR`), the shapes-world pipeline pretrained by the same
 script on images whose colours vary freely (:mod:`diffalign.toy.shapes`: the shape's and the background's colour each
@@ -88,9 +88,9 @@ def fit_taste_whitening(features_0: np.ndarray, features_1: np.ndarray) -> tuple
     """``(s_l, k, s_w)`` from the image features (N, 2) of the two images of N pairs: with ``Δ = f_0 - f_1``
     (zero-mean by symmetry), ``s_l² = E[Δl²]``, ``k = E[Δl Δw] / E[Δl²]``, ``s_w² = E[(Δw - k Δl)²]``."""
     d = np.asarray(features_0, np.float64) - np.asarray(features_1, np.float64)
-    var_a = float(np.mean(d[:, 0] ** 2))
-    k = float(np.mean(d[:, 0] * d[:, 1]) / var_a)
-    return math.sqrt(var_a), k, float(np.sqrt(np.mean((d[:, 1] - k * d[:, 0]) ** 2)))
+    var_l = float(np.mean(d[:, 0] ** 2))
+    k = float(np.mean(d[:, 0] * d[:, 1]) / var_l)
+    return math.sqrt(var_l), k, float(np.sqrt(np.mean((d[:, 1] - k * d[:, 0]) ** 2)))
 
 
 @dataclass(frozen=True)
