@@ -187,7 +187,11 @@ def saliency_maps(images) -> np.ndarray:
     """(N, H, W) in [0, 1]: each pixel's RGB distance (Euclidean, channels in [0, 1], divided by √3) from the image's
     background colour, estimated as the per-channel median of the one-pixel border. "Where is the object",
     whatever its colour."""
-    arr, background = _rgb_and_background(images)
+    return _saliency(*_rgb_and_background(images))
+
+
+def _saliency(arr: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """(N, H, W): RGB distance of ``arr`` (N, H, W, 3) from ``background`` (N, 3), divided by √3."""
     return np.sqrt(((arr - background[:, None, None, :]) ** 2).sum(-1) / 3.0)
 
 
@@ -203,8 +207,9 @@ def object_statistics(images, threshold: float = OBJECT_THRESHOLD) -> np.ndarray
     ``threshold``: area ``|F| / HW``; lightness, the mean over ``F`` of (R + G + B) / 3 in [0, 1]; elongation
     ``½ log(Var_F[x] / Var_F[y])`` (0 for a wide-as-tall object). All three are 0 for an empty mask. What a
     perception model would say about "the object", whatever its colour and wherever it is."""
-    fg = saliency_maps(images) > threshold  # (N, H, W)
-    lum = np.stack([np.asarray(im.convert("RGB"), dtype=np.float64).mean(-1) / 255.0 for im in images])
+    arr, background = _rgb_and_background(images)  # one decoding for the mask and the lightness
+    fg = _saliency(arr, background) > threshold  # (N, H, W)
+    lum = arr.astype(np.float64).mean(-1)  # (N, H, W)
     out = np.zeros((len(fg), 3))
     for i, mask in enumerate(fg):
         ys, xs = np.nonzero(mask)
