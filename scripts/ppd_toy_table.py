@@ -14,8 +14,11 @@
 4. Evaluate on the HELD-OUT prompts, the same seeds for every column: no user (the base) and one column per user,
    the four named training users and four held-out users (light-warm 45°, dark-warm 135°, dark-cold 225°, light-cold
    315°; never trained on). Every user is served from 4 fresh examples (``--serve stored``: training users from the
-   run's stored embedding instead): ``draws`` disjoint draws of 4 examples, image ``i`` of the column made with draw
-   ``i mod draws``, so the cell averages over which 4 examples the user happened to give. Every image is scored by
+   run's stored embedding instead) of their own: each user labels their own fresh base pairs, as each person of
+   Pick-a-Pic labels their own images (when all users drew their examples from the same 4 pairs, two users 45° apart
+   gave the same 4 labels, hence the same embedding, with probability 0.75⁴ ≈ 0.32). ``--draws`` disjoint draws of 4
+   examples, image ``i`` of the column made with draw ``i mod draws``, so the cell averages over which 4 examples the
+   user happened to give. Every image is scored by
    every user's oracle. Then interpolation light -> dark in embedding space (and in prediction space).
 5. Writes ``table.md`` (the markdown for docs/ppd.md) and ``results.json`` to ``--out``.
 """
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy_ppd.yaml"
-FULL = dict(pool=400, eval_seeds=16, examples=4, draws=4)
+FULL = dict(pool=400, eval_seeds=16, examples=4, draws=64)
 QUICK = dict(pool=24, eval_seeds=1, examples=4, draws=1)
 # --quick: training overrides on top of configs/toy_ppd.yaml
 QUICK_OVERRIDES = ["max_steps=4", "batch_size=4", "objective.example_sets=1", "objective.num_tokens=2"]
@@ -42,8 +45,13 @@ ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 BASE, NO_USER = "base model", "PPD, no user"
 
 
-def paired_se(a: np.ndarray, b: np.ndarray) -> float:
+def paired_se(a: np.ndarray, b: np.ndarray, clusters: int = 1) -> float:
+    """Standard error of ``mean(a - b)`` over paired images; with ``clusters`` > 1, over the per-cluster means of
+    ``a - b`` (image ``i`` in cluster ``i mod clusters``: one cluster per example draw, whose images share a user
+    embedding)."""
     d = np.asarray(a) - np.asarray(b)
+    if clusters > 1:
+        d = np.array([d[c::clusters].mean() for c in range(clusters)])
     return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
@@ -59,6 +67,9 @@ def main(argv=None) -> int:
                    help="fresh: every user, training users too, is served from 4 new examples (the paper's protocol), "
                         "averaged over the draws; stored: training users get the run's stored embedding (the mean of "
                         "their training sets' features, what `--user ID` uses)")
+    p.add_argument("--draws", type=int,
+                   help=f"example draws per user (default {FULL['draws']}; each column's {16 * 12} images cycle "
+                        "through them)")
     p.add_argument("--tie-margin", type=float, default=0.01,
                    help="users leave pairs with |Δr| <= this out, in their labels and their few-shot examples")
     p.add_argument("--train-every", type=float, default=90.0,
@@ -89,6 +100,10 @@ def main(argv=None) -> int:
     from diffalign.training.config import load_config
 
     o = dict(QUICK if args.quick else FULL)
+    if args.draws is not None:
+        if args.draws < 1:
+            p.error("--draws must be >= 1")
+        o["draws"] = args.draws
     out = Path(args.out)
     if args.reuse_run and not (out / "run" / "summary.json").is_file():
         p.error(f"--reuse-run: no finished run in {out / 'run'} (summary.json missing); run without it first")
@@ -102,16 +117,18 @@ def main(argv=None) -> int:
     train_prompts, eval_prompts = toy_prompts()
     pipe = load_pipeline(model)
 
-    # 1-2. pairs labelled by every training user; held-out users' 4 examples from fresh base samples
+    # 1-2. pairs labelled by every training user; every served user's examples from fresh base pairs of their own
     pool = sample_pairs(pipe, train_prompts, o["pool"], seed=args.seed)
     trained = training_users(args.train_every)
     cols = label_pairs(pool, trained, tie_margin=args.tie_margin)
     pairs_path = write_pairs(cols, out / "pairs")
-    fresh = sample_pairs(pipe, train_prompts, 16 * o["draws"], seed=args.seed + 1)
     served = HELDOUT_USERS if args.serve == "stored" else TRAIN_USERS + HELDOUT_USERS
-    example_files = {u.name: [save_examples(user_examples(fresh, u, o["examples"], draw=d, tie_margin=args.tie_margin),
+    per_user = (o["examples"] + 1) * o["draws"]  # one spare pair per draw for ties
+    fresh = sample_pairs(pipe, train_prompts, per_user * len(served), seed=args.seed + 1)
+    example_files = {u.name: [save_examples(user_examples(fresh.part(i, len(served)), u, o["examples"], draw=d,
+                                                          tie_margin=args.tie_margin),
                                             out / "users" / f"{u.name}-{d}.jsonl") for d in range(o["draws"])]
-                     for u in served}
+                     for i, u in enumerate(served)}
     timings["data_s"] = time.time() - t0
 
     # 3. one PPD model for all users
@@ -208,8 +225,10 @@ def main(argv=None) -> int:
             "best_other": rival, "best_other_reward": float(others[rival].mean()),
             "own_minus_base": float(own.mean() - others[BASE].mean()),
             "own_minus_base_se": paired_se(own, others[BASE]),
+            "own_minus_base_se_draws": paired_se(own, others[BASE], o["draws"]),
             "own_minus_best_other": float(own.mean() - others[rival].mean()),
             "own_minus_best_other_se": paired_se(own, others[rival]),
+            "own_minus_best_other_se_draws": paired_se(own, others[rival], o["draws"]),
             "own_is_best": bool(own.mean() > max(v.mean() for v in others.values())),
         }
     if "caption_match" in columns[BASE]:
@@ -234,7 +253,7 @@ def main(argv=None) -> int:
         "generation": GENERATION, "eval_prompts": eval_prompts, "eval_seeds": [seeds[0], seeds[-1]],
         "n_eval_images_per_column": len(prompts), "train_rows_per_user": {u.name: cols["user_id"].count(u.name)
                                                                           for u in trained},
-        "heldout_example_seed": args.seed + 1, "final_train_metrics": summary.get("final", {}),
+        "example_pool_seed": args.seed + 1, "final_train_metrics": summary.get("final", {}),
         "table": {c: {k: float(v.mean()) for k, v in r.items()} for c, r in columns.items()},
         "interpolation": {s: {str(a): {k: float(v.mean()) for k, v in r.items()} for a, r in d.items()}
                           for s, d in interp.items()},

@@ -172,6 +172,15 @@ class ImagePairs:
     seeds_0: list[int]
     seeds_1: list[int]
 
+    def part(self, i: int, n: int) -> ImagePairs:
+        """The ``i``-th of ``n`` disjoint, contiguous slices of equal size (the remainder is left out): e.g. each
+        user's own pairs to draw few-shot examples from."""
+        if not 0 <= i < n:
+            raise ValueError(f"part {i} of {n}: need 0 <= i < n")
+        m = len(self.captions) // n
+        sl = slice(i * m, (i + 1) * m)
+        return ImagePairs(self.captions[sl], self.images_0[sl], self.images_1[sl], self.seeds_0[sl], self.seeds_1[sl])
+
 
 def sample_pairs(pipe, prompts: list[str], n_pairs: int, *, seed: int = 0, **generation) -> ImagePairs:
     """Pair k: prompt ``prompts[k mod len]``, seeds ``10⁶·seed + 2k`` and ``+1`` (one generator per image)."""

@@ -1,4 +1,4 @@
-"""The toy multi-user world: size/lightness tastes on whitened axes, conflicting labels on the same pairs, a dataset
+"""The toy multi-user world: lightness/warmth tastes on whitened axes, conflicting labels on the same pairs, a dataset
 the trainer reads."""
 
 import numpy as np
@@ -150,6 +150,17 @@ def test_opposite_users_label_the_same_pairs_oppositely(tmp_path):
     assert second.chosen is pale and second.rejected is ex[1].rejected
     with pytest.raises(ValueError, match="decisive"):
         user_examples(pairs, TRAIN_USERS[0], n=3)
+
+
+def test_pair_parts_are_disjoint_equal_slices_in_order():
+    imgs = [square(0, 0, k + 1) for k in range(7)]
+    pairs = ImagePairs([f"c{k}" for k in range(7)], imgs, imgs[::-1], list(range(0, 14, 2)), list(range(1, 14, 2)))
+    parts = [pairs.part(i, 3) for i in range(3)]
+    assert [p.captions for p in parts] == [["c0", "c1"], ["c2", "c3"], ["c4", "c5"]]  # c6: the remainder, left out
+    assert parts[1].images_0 == imgs[2:4] and parts[1].images_1 == imgs[::-1][2:4]
+    assert parts[2].seeds_0 == [8, 10] and parts[2].seeds_1 == [9, 11]
+    with pytest.raises(ValueError, match="part 3 of 3"):
+        pairs.part(3, 3)
 
 
 @pytest.mark.slow
