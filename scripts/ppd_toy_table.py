@@ -1,6 +1,6 @@
 """PPD in the toy multi-user world, end to end, as one table: user (oracle) x embedding used -> mean reward.
 
-    python scripts/ppd_toy_table.py --out runs/ppd-toy            # ~9 min on 1 CPU thread
+    python scripts/ppd_toy_table.py --out runs/ppd-toy            # ~16 min on 1 CPU thread
     python scripts/ppd_toy_table.py --quick --out /tmp/ppd-quick   # smoke run, ~1-2 min
 
 1. Base model: ``assets/toy-sd-ppd`` (the shapes world with free colours, cross-attention at 8x8 too) when present,

@@ -230,7 +230,8 @@ def write_pairs(columns: dict[str, list], out_dir: str | Path) -> Path:
 
 def user_examples(pairs: ImagePairs, user: ToyUser, n: int = 4, *, draw: int = 0, tie_margin: float = 0.01):
     """``n`` pairs the user is not indifferent about, as few-shot examples (chosen first): the ``draw``-th group of
-    ``n`` such pairs in order (draws are disjoint)."""
+    ``n`` such pairs in order (draws are disjoint). Give each user pairs of their own (:meth:`ImagePairs.part`): on
+    shared pairs, users with similar tastes give the same labels, hence the same examples."""
     r0, r1 = user.reward(pairs.images_0), user.reward(pairs.images_1)
     out = []
     for k in np.flatnonzero(np.abs(r0 - r1) > tie_margin)[draw * n:(draw + 1) * n]:
