@@ -15,11 +15,11 @@
    the four named training users and four held-out users (light-warm 45°, dark-warm 135°, dark-cold 225°, light-cold
    315°; never trained on). Every user is served from 4 fresh examples (``--serve stored``: training users from the
    run's stored embedding instead) of their own: each user labels their own fresh base pairs, as each person of
-   Pick-a-Pic labels their own images (when all users drew their examples from the same 4 pairs, two users 45° apart
-   gave the same 4 labels, hence the same embedding, with probability 0.75⁴ ≈ 0.32). ``--draws`` disjoint draws of 4
-   examples, image ``i`` of the column made with draw ``i mod draws``, so the cell averages over which 4 examples the
-   user happened to give. Every image is scored by
-   every user's oracle. Then interpolation light -> dark in embedding space (and in prediction space).
+   Pick-a-Pic labels their own images (when all users took their examples from the same pairs in the same order, two
+   users 45° apart gave the same 4 labels, hence the same embedding, with probability 0.75⁴ ≈ 0.32). ``--draws``
+   disjoint draws of 4 examples, image ``i`` of the column made with draw ``i mod draws``, so the cell averages over
+   which 4 examples the user happened to give. Every image is scored by every user's oracle. Then interpolation
+   light -> dark in embedding space (and in prediction space).
 5. Writes ``table.md`` (the markdown for docs/ppd.md) and ``results.json`` to ``--out``.
 """
 
@@ -50,6 +50,7 @@ def paired_se(a: np.ndarray, b: np.ndarray, clusters: int = 1) -> float:
     ``a - b`` (image ``i`` in cluster ``i mod clusters``: one cluster per example draw, whose images share a user
     embedding)."""
     d = np.asarray(a) - np.asarray(b)
+    clusters = min(clusters, len(d))  # more draws than images: every image is its own draw
     if clusters > 1:
         d = np.array([d[c::clusters].mean() for c in range(clusters)])
     return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
@@ -68,8 +69,8 @@ def main(argv=None) -> int:
                         "averaged over the draws; stored: training users get the run's stored embedding (the mean of "
                         "their training sets' features, what `--user ID` uses)")
     p.add_argument("--draws", type=int,
-                   help=f"example draws per user (default {FULL['draws']}; each column's {16 * 12} images cycle "
-                        "through them)")
+                   help=f"example draws of 4 per user (default {FULL['draws']}); image i of a column uses draw "
+                        "i mod draws")
     p.add_argument("--tie-margin", type=float, default=0.01,
                    help="users leave pairs with |Δr| <= this out, in their labels and their few-shot examples")
     p.add_argument("--train-every", type=float, default=90.0,
