@@ -69,10 +69,19 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], sta
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
-    if keep_last is not None:
-        for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(root, keep_last)
     return final
+
+
+def prune_checkpoints(root: Path, keep_last: int | None, keep: tuple[Path, ...] = ()) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints (``None``: keep all), never one in ``keep``. Called after
+    each save, and on resume: a run killed between writing a checkpoint and pruning would otherwise keep one too many
+    for good."""
+    if keep_last is None:
+        return
+    for old in list_checkpoints(root)[:-keep_last]:
+        if old not in keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def is_complete(path: Path) -> bool:

@@ -441,6 +441,8 @@ class PreferenceTrainer:
             self.accelerator.print(f"diffalign: no complete checkpoint in {self.checkpoint_dir}; starting fresh")
             return
         saved, state = ckpt.load_checkpoint(path)
+        if self.accelerator.is_main_process:
+            ckpt.prune_checkpoints(self.checkpoint_dir, self.config.keep_last_checkpoints, keep=(path,))
         weights = {k[len("trainable."):]: v for k, v in saved.items() if k.startswith("trainable.")}
         self.restore_extras({k: v for k, v in saved.items() if not k.startswith("trainable.")}, state["extras"])
         params = dict(self.accelerator.unwrap_model(self.unet).named_parameters())

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffalign.testing import base_config
+from diffalign.training import checkpoint as ckpt
 from diffalign.training.config import parse_config
 from diffalign.training.trainer import PreferenceTrainer, RunExistsError
 
@@ -68,7 +69,7 @@ class Crash(RuntimeError):
 
 def test_resume_after_interrupt_matches_uninterrupted_run(tiny_sd15_dir, pickapic_dir, tmp_path):
     kw = {"max_steps": 6, "checkpoint_every": 2, "optimizer.lr_scheduler": "linear", "optimizer.warmup_steps": 2,
-          "ema_decay": 0.9}
+          "ema_decay": 0.9, "keep_last_checkpoints": 1}
     full = make_trainer(tiny_sd15_dir, pickapic_dir, tmp_path / "full", **kw)
     full.train()
     full.cleanup()
@@ -86,9 +87,14 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tiny_sd15_dir, pickapi
         crashing.train()
     with pytest.raises(RunExistsError):  # a plain restart refuses to clobber the run
         make_trainer(tiny_sd15_dir, pickapic_dir, tmp_path / "crash", **kw)
+    # an older checkpoint left behind, as when a run is killed between writing a checkpoint and pruning
+    ckdir = tmp_path / "crash" / "checkpoints"
+    ckpt.save_checkpoint(ckdir, 0, {"trainable.w": torch.zeros(1)}, {"step": 0}, None)
+    assert [p.name for p in ckpt.list_checkpoints(ckdir)] == ["checkpoint-0", "checkpoint-2"]
     resumed = PreferenceTrainer(parse_config(base_config(tiny_sd15_dir, pickapic_dir, tmp_path / "crash", **kw)))
     resumed.setup(resume=True)
     assert resumed.step == 2
+    assert [p.name for p in ckpt.list_checkpoints(ckdir)] == ["checkpoint-2"]  # retention holds on resume too
     resumed.train()
     resumed.cleanup()
 
