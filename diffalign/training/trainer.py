@@ -441,8 +441,6 @@ class PreferenceTrainer:
             self.accelerator.print(f"diffalign: no complete checkpoint in {self.checkpoint_dir}; starting fresh")
             return
         saved, state = ckpt.load_checkpoint(path)
-        if self.accelerator.is_main_process:
-            ckpt.prune_checkpoints(self.checkpoint_dir, self.config.keep_last_checkpoints, keep=(path,))
         weights = {k[len("trainable."):]: v for k, v in saved.items() if k.startswith("trainable.")}
         self.restore_extras({k: v for k, v in saved.items() if not k.startswith("trainable.")}, state["extras"])
         params = dict(self.accelerator.unwrap_model(self.unet).named_parameters())
@@ -468,6 +466,8 @@ class PreferenceTrainer:
         if metrics.exists() and self.accelerator.is_main_process:  # drop records past the checkpoint
             keep = [ln for ln in metrics.read_text().splitlines() if _record_step(ln) <= self.step]
             metrics.write_text("".join(ln + "\n" for ln in keep))
+        if self.accelerator.is_main_process:  # restored: retention can apply (a kill may have cut a prune short)
+            ckpt.prune_checkpoints(self.checkpoint_dir, self.config.keep_last_checkpoints, keep=(path,))
         self.accelerator.print(f"diffalign: resumed from {path} (step {self.step}, epoch {self.epoch})")
 
     def save_final(self):
