@@ -6,7 +6,8 @@ For a clean sample :math:`x_0`, a diffusion step :math:`t` and noise :math:`ε`,
 .. math::  e_θ(x_0, t, ε, c) = ω(λ_t)\\; \\mathrm{mean}_{\\text{dims}}\\big[(y - f_θ(x_t, t, c))^2\\big]
 
 where the target :math:`y` is ε (``epsilon``), :math:`v = \\sqrt{\\bar α_t} ε - \\sqrt{1-\\bar α_t} x_0` (``v_prediction``)
-or :math:`x_0` (``sample``), and ω is 1 by default (what every official preference repo uses) or an SNR weighting.
+or :math:`x_0` (``sample``), and ω is 1 by default (what every official preference repo uses), the conversion to
+an x0-error (``snr``) or min-SNR-γ (:func:`timestep_weights`).
 Up to constants and weighting, :math:`-e` is the per-timestep term of the ELBO of :math:`\\log p_θ(x_0 | c)` (Diffusion-DPO
 paper, Eq. 14). For v-prediction, ``||v - v̂||² = ||ε - ε̂||² / ᾱ_t``-style weighting is implied; see ``docs``.
 
@@ -99,22 +100,28 @@ def snr(scheduler, t: torch.Tensor) -> torch.Tensor:
 
 
 def timestep_weights(scheduler, t: torch.Tensor, weighting: str = "none", snr_gamma: float = 5.0) -> torch.Tensor:
-    """ω(λ_t), shape (N,).
+    """ω(λ_t), shape (N,), the factor applied to the per-sample error of the scheduler's ``prediction_type``.
 
-    ``none``: 1 (Diffusion-DPO, MaPO). ``snr``: λ_t (turns an ε-error into an x0-error). ``min_snr``: Hang et al. 2023,
-    ``min(λ_t, γ)/λ_t`` for ε-prediction and ``min(λ_t, γ)/(λ_t + 1)`` for v-prediction.
+    ``none``: 1 (Diffusion-DPO, MaPO and every official preference repo).
+    ``snr``: turns the error into the x0-error ``mean((x0 - x̂0)²)``. With ``x0 - x̂0 = -sqrt(1-ᾱ_t)/sqrt(ᾱ_t) (ε - ε̂)``
+    and ``x0 - x̂0 = -sqrt(1-ᾱ_t) (v - v̂)``, that is ``1/λ_t`` for ε-prediction, ``1/(λ_t + 1) = 1 - ᾱ_t`` for
+    v-prediction and 1 for x0-prediction (λ_t = ᾱ_t/(1-ᾱ_t), :func:`snr`).
+    ``min_snr``: Hang et al. 2023, the x0-error weighted by ``min(λ_t, γ)``: ``min(λ_t, γ)/λ_t`` (ε),
+    ``min(λ_t, γ)/(λ_t + 1)`` (v), ``min(λ_t, γ)`` (x0), as diffusers' ``train_text_to_image.py`` with
+    ``compute_snr``. A step with ᾱ_t = 0 (the last step of a zero-terminal-SNR schedule) gets weight 1.
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if weighting == "none":
         return torch.ones(t.shape, device=t.device)
     s = snr(scheduler, t)
-    if weighting == "snr":
-        return s
-    clipped = torch.clamp(s, max=snr_gamma)
-    if scheduler.config.prediction_type == "v_prediction":
-        return clipped / (s + 1)
-    return clipped / s
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        to_x0 = 1 / s
+    else:
+        to_x0 = 1 / (s + 1) if prediction_type == "v_prediction" else torch.ones_like(s)
+    w = to_x0 if weighting == "snr" else torch.clamp(s, max=snr_gamma) * to_x0
+    return torch.where(s == 0, torch.ones_like(w), w)  # ᾱ_t = 0 (zero terminal SNR): weight 1, as diffusers does
 
 
 def denoising_errors(

@@ -28,7 +28,7 @@ import numpy as np
 OBJECTIVES = {
     "dpo": {"name": "dpo", "beta": 1000.0},
     "mapo": {"name": "mapo", "beta": 0.1},
-    "dcpo": {"name": "dcpo", "beta": 1000.0, "loser_caption": "perturb", "perturbation": "weak"},
+    "dcpo": {"name": "dcpo", "beta": 1000.0, "loser_caption": "word_swap", "swap_fraction": 0.4},
     "inpo": {"name": "inpo", "beta": 1000.0},
     "seppo": {"name": "seppo", "beta": 1000.0, "snapshot_every": 20, "sampling_steps": 10, "guidance_scale": 4.0},
 }

@@ -1,15 +1,20 @@
-"""Second captions for DCPO: an offline prompt perturber and a pluggable image captioner.
+"""Second captions for DCPO: an offline word-swap stand-in and a pluggable image captioner.
 
-DCPO (Saeidi et al., TMLR 2025) conditions the loser on its own caption z_l. Three ways to get it:
+DCPO (Saeidi et al., TMLR 2025) conditions the loser on its own caption z_l. Where z_l comes from:
 
-* ``perturb`` (DCPO-p): z_w = c, z_l = perturb(c). The official code paraphrases with the DIPPER T5-XXL model at
-  lexical diversity 40/60/80 (weak/medium/strong). :class:`CaptionPerturber` is the offline stand-in: it replaces a
-  fraction 0.4/0.6/0.8 of the content words, each by another word of the **same class** when the word belongs to a
-  known class (colours, shapes, ...; so "a red circle" may become "a green circle") and by a random word of the
-  caption vocabulary otherwise. Deterministic given a ``random.Random``.
+* ``column``: precomputed captions in the data. This is what the official code trains on (``--caption_0
+  caption_0 --caption_1 caption_1``, DualCPO/pick-double-caption) and the only way to reproduce DCPO-p and
+  DCPO-h: their loser captions are **DIPPER paraphrases** (T5-XXL, lexical diversity 40/60/80; the official
+  ``src/perturb_caption.py`` of ``sahsaeedi/DCPO-T2I`` paraphrases the per-image captions and pickles them by row
+  index), produced offline and joined into the dataset as a column.
+* ``word_swap``: z_w = c, z_l = c with a fraction of its content words replaced (:class:`WordSwap`). Not DIPPER
+  and not a paraphrase: each swapped word becomes another word of the **same class** when it belongs to a known
+  class (colours, shapes, sizes; "a red circle" may become "a green circle") and a random word of the caption
+  vocabulary otherwise, so on real prompts it writes word salad. An offline stand-in for worlds with a closed
+  vocabulary (the toy world); deterministic given a ``random.Random``.
 * ``caption`` (DCPO-c): z_w, z_l written by an image-to-text model (:func:`load_captioner`, a transformers
   ``image-to-text`` pipeline by hub id or local folder).
-* ``hybrid`` (DCPO-h): z_l = perturb(caption of x_l).
+* ``hybrid``: z_l = word_swap(caption of x_l).
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from __future__ import annotations
 import random
 import re
 
-LEVELS = {"weak": 0.4, "medium": 0.6, "strong": 0.8}
 STOPWORDS = frozenset(["a", "an", "the", "of", "on", "in", "with", "and", "or", "to", "at", "by", "for", "from", "into", "over", "under", "is", "are", "its", "it", "this", "that"])
 WORD_CLASSES = {
     "colour": ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "brown", "gray", "cyan",
@@ -27,12 +31,25 @@ WORD_CLASSES = {
 }
 
 
-class CaptionPerturber:
-    def __init__(self, level: str = "medium", vocabulary: list[str] | None = None,
+def caption_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The generator of one pair's second caption in one epoch. Seeded from a string, which ``random.Random``
+    hashes with SHA-512: the same in every process and Python version (``hash()`` of a str is salted per process).
+    """
+    return random.Random(f"diffalign-caption:{seed}:{epoch}:{index}")
+
+
+class WordSwap:
+    """Replace ``round(fraction · #content words)`` (at least one) content words of a caption.
+
+    >>> WordSwap(0.4, vocabulary=["dog"])("a red circle", random.Random(0))   # doctest: +SKIP
+    'a green circle'
+    """
+
+    def __init__(self, fraction: float = 0.6, vocabulary: list[str] | None = None,
                  word_classes: dict[str, list[str]] | None = None):
-        if level not in LEVELS:
-            raise ValueError(f"perturbation level must be one of {list(LEVELS)}, got {level!r}")
-        self.fraction = LEVELS[level]
+        if not 0 < fraction <= 1:
+            raise ValueError(f"word-swap fraction must be in (0, 1], got {fraction}")
+        self.fraction = fraction
         self.classes = WORD_CLASSES if word_classes is None else word_classes
         self.word_class = {w: c for c, words in self.classes.items() for w in words}
         self.vocabulary = sorted(set(vocabulary or [])) or sorted(self.word_class)

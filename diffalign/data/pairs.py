@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .captions import caption_rng
 from .images import PairTransform, UnreadableImage, decode_image
 
 MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv")
@@ -116,11 +117,13 @@ def pickapic_winner(label_0, label_1, keep_ties: bool) -> int | None:
 
 @dataclass
 class DualCaptions:
-    """Per-image captions (z_w, z_l) for DCPO; ``mode`` is ``column``, ``perturb``, ``caption`` or ``hybrid``."""
+    """Per-image captions (z_w, z_l) for DCPO; ``mode`` is ``column``, ``word_swap``, ``caption`` or ``hybrid``
+    (:mod:`diffalign.data.captions`). ``columns``: explicit (z_w, z_l) column names for ``column``/``hybrid``."""
 
     mode: str
-    perturber: object | None = None  # CaptionPerturber
+    word_swap: object | None = None  # WordSwap
     captioner: object | None = None  # callable(list[PIL]) -> list[str]
+    columns: tuple[str, str] | None = None
 
     @property
     def needs_images(self) -> bool:
@@ -128,14 +131,14 @@ class DualCaptions:
 
     def __call__(self, pairs: PreferencePairs, index: int, images, rng: random.Random) -> tuple[str, str]:
         c = pairs.caption(index)
-        if self.mode == "perturb":
-            return c, self.perturber(c, rng)
+        if self.mode == "word_swap":
+            return c, self.word_swap(c, rng)
         if self.captioner is not None:
             z_w, z_l = self.captioner(list(images))
         else:
-            z_w, z_l = pairs.image_captions(index)
+            z_w, z_l = pairs.image_captions(index, self.columns)
         if self.mode == "hybrid":
-            z_l = self.perturber(z_l, rng)
+            z_l = self.word_swap(z_l, rng)
         return z_w, z_l
 
 
@@ -211,9 +214,16 @@ class PreferencePairs(torch.utils.data.Dataset):
             value = value.decode("utf-8", errors="replace")
         return "" if value is None else str(value)
 
-    def image_captions(self, index: int) -> tuple[str, str]:
-        """(z_w, z_l) from ``caption_chosen``/``caption_rejected`` or per-image ``caption_0``/``caption_1`` columns."""
+    def image_captions(self, index: int, columns: tuple[str, str] | None = None) -> tuple[str, str]:
+        """(z_w, z_l) from the named (winner, loser) ``columns``, else from ``caption_chosen``/``caption_rejected`` or
+        per-image ``caption_0``/``caption_1`` columns (swapped with the images, as the official DCPO code does)."""
         row = self.ds[index]
+        if columns is not None:
+            missing = [c for c in columns if c not in row]
+            if missing:
+                raise DatasetFormatError(f"caption column {missing[0]!r} is not in the dataset; it has "
+                                         f"{sorted(self.ds.column_names)}")
+            return str(row[columns[0]]), str(row[columns[1]])
         if "caption_chosen" in row and "caption_rejected" in row:
             return str(row["caption_chosen"]), str(row["caption_rejected"])
         if "caption_0" in row and "caption_1" in row and self.kind == "pickapic":
@@ -221,7 +231,7 @@ class PreferencePairs(torch.utils.data.Dataset):
             return str(row[f"caption_{w}"]), str(row[f"caption_{1 - w}"])
         raise DatasetFormatError(
             "per-image captions need `caption_chosen`/`caption_rejected` (or Pick-a-Pic `caption_0`/`caption_1`) "
-            f"columns; this dataset has {sorted(self.ds.column_names)}"
+            f"columns, or objective.caption_columns naming them; this dataset has {sorted(self.ds.column_names)}"
         )
 
     def rng(self, index: int) -> random.Random:
@@ -261,7 +271,7 @@ class PreferencePairs(torch.utils.data.Dataset):
 
     def _add_dual_captions(self, item: dict, index: int, images) -> dict:
         if self.dual_captions is not None:
-            rng = random.Random(hash(("caption", self.seed, self.epoch, index)) & 0xFFFFFFFF)
+            rng = caption_rng(self.seed, self.epoch, index)
             item["caption"], item["caption_l"] = self.dual_captions(self, index, images, rng)
         return item
 

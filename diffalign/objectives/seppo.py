@@ -13,8 +13,8 @@ on-policy sample :math:`x_r` of a reference checkpoint :math:`θ_{ref}` drawn fr
 
 The anchor-based adaptive flipper (AAF) reads the winner as an anchor: if the current policy denoises it better
 than the reference (s = +1), the reference sample is treated as a loser (standard DPO); if the reference is better
-(s = -1), its sample enters as a second winner. ``flipper: indicator`` uses s ∈ {1, 0} (drop the reference term
-instead of flipping). β uses the Diffusion-DPO convention (1/2 inside), default 5000 like Diffusion-DPO (SePPO's
+(s = -1), its sample enters as a second winner; at a tie (s = 0, e.g. the snapshot equals the policy) its term drops
+out. ``flipper: indicator`` uses s ∈ {1, 0} (drop the reference term instead of flipping). β uses the Diffusion-DPO convention (1/2 inside), default 5000 like Diffusion-DPO (SePPO's
 own β was not recovered).
 """
 
@@ -30,11 +30,14 @@ from .dpo import DPOConfig, _check_shapes
 
 
 def aaf_sign(model_w: torch.Tensor, ref_w: torch.Tensor, flipper: str = "sign") -> torch.Tensor:
-    """Per-sample s, detached: +1 where the policy's anchor error is lower than the reference's, else -1
-    (``sign``) or 0 (``indicator``). Shape (B,)."""
-    better = (ref_w - model_w).detach() > 0
-    other = -1.0 if flipper == "sign" else 0.0
-    return torch.where(better, torch.ones_like(model_w), torch.full_like(model_w, other)).detach()
+    """Per-sample s, detached, shape (B,): ``sign(e_ref(x_w) - e_θ(x_w))`` (``sign``: +1, -1, and 0 at a tie) or
+    ``1(e_ref(x_w) > e_θ(x_w))`` (``indicator``: 1 or 0).
+
+    A tie (the reference snapshot equals the policy, as at the first step) gives s = 0 under both flippers: the
+    reference sample's term drops out instead of being trained as a winner.
+    """
+    gap = (ref_w - model_w).detach()
+    return torch.sign(gap) if flipper == "sign" else (gap > 0).to(gap.dtype)
 
 
 def seppo_logits(model_w, model_r, ref_w, ref_r, beta: float = 5000.0, flipper: str = "sign"):
@@ -81,6 +84,7 @@ def build_seppo(config: SePPOConfig):
         metrics = {
             "rewards/margins": logits.mean().item(),
             "seppo/ref_as_loser": (s > 0).float().mean().item(),
+            "seppo/ref_dropped": (s == 0).float().mean().item(),
             "errors/policy_w": errors.model_w.mean().item(),
             "errors/policy_r": errors.model_l.mean().item(),
             "errors/ref_w": errors.ref_w.mean().item(),

@@ -70,9 +70,11 @@ class PPDConfig:
     example_sets: int = field(default=1, metadata={
         "help": "K: few-shot sets drawn per training user (each encoded once, one picked at random per pair). "
                 "1 = one fixed embedding per user (the paper's setting, as far as described); > 1 augments."})
-    user_dropout: float = field(default=0.1, metadata={
+    user_dropout: float | None = field(default=None, metadata={
         "help": "P(user embedding zeroed) per pair during training (paper: 'randomly dropped', rate not "
-                "published). Zero tokens switch the branch off exactly."})
+                "published). null: 0.1 when a LoRA trains (it then learns the population's taste, which 'no user' "
+                "serves), 0 when only the branch trains: a dropped pair then has policy = reference, loss ln 2 and "
+                "zero gradient, so dropout there would only dilute the batch (and is refused)."})
     # User branch (decoupled cross-attention).
     num_tokens: int = field(default=4, metadata={"help": "N_u: user tokens (IP-Adapter uses 4)."})
     token_dim: int | None = field(default=None, metadata={
@@ -93,7 +95,7 @@ class PPDConfig:
             raise ValueError(f"num_examples: must be >= 1, got {self.num_examples}")
         if self.example_sets < 1:
             raise ValueError(f"example_sets: must be >= 1, got {self.example_sets}")
-        if not 0 <= self.user_dropout < 1:
+        if self.user_dropout is not None and not 0 <= self.user_dropout < 1:
             raise ValueError(f"user_dropout: must be in [0, 1), got {self.user_dropout}")
         if self.num_tokens < 1:
             raise ValueError(f"num_tokens: must be >= 1, got {self.num_tokens}")

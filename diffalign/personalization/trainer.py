@@ -14,7 +14,7 @@ Setup, on top of :class:`~diffalign.training.trainer.PreferenceTrainer`:
    adapters disabled when a LoRA trains), so no copy of the U-Net is kept.
 
 Each step: batches mix users (pairs are shuffled as usual); each pair's tokens ``u = P(f_user)`` are zeroed with
-probability ``user_dropout``; the policy runs on ``[winners; losers]`` with ``cross_attention_kwargs={"user_tokens":
+probability ``user_dropout`` (0.1 with a LoRA, 0 for branch-only training); the policy runs on ``[winners; losers]`` with ``cross_attention_kwargs={"user_tokens":
 [u; u]}``, the reference without; the objective is Diffusion-DPO on those errors (:mod:`.objective`).
 
 >>> cfg = load_config("configs/sd15_ppd.yaml")            # doctest: +SKIP
@@ -70,6 +70,7 @@ class PersonalizedTrainer(PreferenceTrainer):
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume: bool = False, overwrite: bool = False) -> PersonalizedTrainer:
+        self.user_dropout = self._user_dropout()
         super().setup(resume=resume, overwrite=overwrite)
         # Base setup made a frozen copy (model.lora null) or an adapters-off view: replace/wrap it so the reference
         # never sees user tokens.
@@ -85,6 +86,18 @@ class PersonalizedTrainer(PreferenceTrainer):
             f"{tuple(self.branch_spec.feature_shape)} -> {self.branch_spec.num_tokens} tokens x "
             f"{self.branch_spec.token_dim}")
         return self
+
+    def _user_dropout(self) -> float:
+        """``objective.user_dropout``, resolved: null is 0.1 with a LoRA and 0 for branch-only training, where a
+        dropped pair (policy = reference: loss ln 2, no gradient) would only dilute the batch mean."""
+        p = self.config.objective.params.user_dropout
+        if self.config.model.lora is None:
+            if p:
+                raise ConfigError(
+                    f"objective.user_dropout: {p} with model.lora null: only the user branch trains, so a dropped "
+                    "pair has policy = reference (loss ln 2, zero gradient); set it to 0 (or null) or add a LoRA")
+            return 0.0
+        return 0.1 if p is None else p
 
     def _make_optimizer(self, params):
         # Called by the base setup after LoRA (if any) is added and before accelerate.prepare: the one place where
@@ -178,7 +191,7 @@ class PersonalizedTrainer(PreferenceTrainer):
     def batch_user_tokens(self, batch: dict) -> torch.Tensor:
         """Tokens (B, N_u, D_u) of each pair's user: one of the user's K cached feature sets, projected, and zeroed
         with probability ``user_dropout`` (or when the user has no readable examples)."""
-        p, spec = self.config.objective.params, self.branch_spec
+        spec = self.branch_spec
         indices = batch["indices"].tolist()
         b = len(indices)
         feats = torch.zeros((b, *spec.feature_shape))
@@ -188,7 +201,7 @@ class PersonalizedTrainer(PreferenceTrainer):
             if f is not None:
                 k = int(torch.randint(f.shape[0], (1,), generator=self.generator))
                 feats[j], has[j] = f[k], True
-        keep = has & (torch.rand(b, generator=self.generator) >= p.user_dropout)
+        keep = has & (torch.rand(b, generator=self.generator) >= self.user_dropout)
         device = self.accelerator.device
         tokens = self.unet_inner.user_projection(feats.to(device))  # (B, N_u, D_u)
         self._dropped = 1.0 - keep.float().mean().item()

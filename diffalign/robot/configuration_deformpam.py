@@ -31,20 +31,21 @@ class DeformPAMConfig:
         default="frozen",
         metadata={"help": f"One of {REFERENCE_MODES}. `frozen`: a frozen copy of the imitation policy (standard "
                   "Diffusion-DPO). `deformpam_encoder`: the DeformPAM code's convention, the frozen reference "
-                  "*encoder* with the policy's own trainable diffusion head (gradient through both terms); "
-                  "degenerate for an identity encoder."},
+                  "*encoder* with the policy's own trainable diffusion head (gradient through both terms). Not the "
+                  "default because it is degenerate for a policy without a separate encoder: with an identity "
+                  "encoder e_θ ≡ e_ref, so the loss is constant (tests/robot/test_robot_policy.py)."},
     )
-    weighting: str = field(default="none", metadata={"help": "ω(λ_t): none | snr | min_snr (DeformPAM: none)."})
+    weighting: str = field(default="none", metadata={"help": "ω(λ_t): none | snr (the x0-error) | min_snr (DeformPAM: none)."})
 
     # Optimisation.
-    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (DeformPAM stage 2: 1e-5)."})
+    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate (DeformPAM stage 2: 1e-5; the Detour2D toy: 1e-4)."})
     steps: int = field(default=500, metadata={"help": "Optimiser steps."})
     batch_size: int = field(default=128, metadata={"help": "Pairs per step (DeformPAM: 28 states x 24 pairs)."})
     grad_clip: float = field(default=1.0, metadata={"help": "Max gradient norm (0 disables)."})
 
     # Reward-guided action selection (RAS).
     n_candidates: int = field(default=8, metadata={"help": "N candidates per state (DeformPAM: 8)."})
-    n_draws: int = field(default=32, metadata={"help": "M (t, ε) draws per candidate (DeformPAM: 100)."})
+    n_draws: int = field(default=100, metadata={"help": "M (t, ε) draws per candidate (DeformPAM: 100; the Detour2D toy: 32)."})
     t_max_frac: float = field(
         default=0.1, metadata={"help": "t ~ U{0..⌊T·frac⌋-1}: the low-noise end (DeformPAM: T/10)."}
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .objectives import TRIPLET_FORMS
+from .objectives import REDUCTIONS, TRIPLET_FORMS
 from .ot import COSTS, DEMO_REDUCTIONS
 
 ENCODERS = ("small_cnn", "torchvision")
@@ -41,7 +41,11 @@ class RAPLConfig:
 
     # Triplet loss and optimisation.
     loss_form: str = field(
-        default="bt", metadata={"help": f"One of {TRIPLET_FORMS}: Bradley-Terry -log p, or the RAPL code's 1 - p."}
+        default="rapl_code",
+        metadata={"help": f"One of {TRIPLET_FORMS}: the RAPL code's 1 - p (default), or Bradley-Terry -log p."},
+    )
+    reduction: str = field(
+        default="sum", metadata={"help": f"One of {REDUCTIONS} over the triplets of a batch (RAPL code: sum)."}
     )
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (RAPL code: 1e-3)."})
     epochs: int = field(default=30, metadata={"help": "Passes over the triplets (RAPL code: 50 or 100)."})
@@ -57,6 +61,8 @@ class RAPLConfig:
             raise ValueError(f"`demo_reduce` must be one of {DEMO_REDUCTIONS}. Got {self.demo_reduce!r}.")
         if self.loss_form not in TRIPLET_FORMS:
             raise ValueError(f"`loss_form` must be one of {TRIPLET_FORMS}. Got {self.loss_form!r}.")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"`reduction` must be one of {REDUCTIONS}. Got {self.reduction!r}.")
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
         if not 0 <= self.val_frac < 1:

@@ -47,7 +47,9 @@ def _toy_deformpam_config() -> DeformPAMConfig:
 
 
 def _toy_rapl_config() -> RAPLConfig:
-    return RAPLConfig(eps=0.1, sinkhorn_iters=50, epochs=20, lr=3e-3)
+    # The toy study's settings (docs/robot.md was measured with them): Bradley-Terry, batch mean; the library
+    # default is the RAPL code's 1 - p summed over the batch.
+    return RAPLConfig(eps=0.1, sinkhorn_iters=50, epochs=20, lr=3e-3, loss_form="bt", reduction="mean")
 
 
 @dataclass

@@ -166,7 +166,7 @@ def implicit_reward(
     candidates: torch.Tensor,
     *,
     beta: float = 100.0,
-    n_draws: int = 32,
+    n_draws: int = 100,
     t_max_frac: float = 0.1,
     share_noise_across_candidates: bool = True,
     weighting: str = "none",

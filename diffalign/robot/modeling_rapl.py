@@ -181,7 +181,8 @@ class RAPLHead:
         r_better, r_worse = triplet_rewards(self.encoder, anchor, better, worse, self.config)
         losses = rapl_triplet_loss(r_better, r_worse, form=self.config.loss_form, tie=tie)
         acc = (r_better > r_worse).float().mean().item()
-        return losses.mean(), {"triplets/accuracy": acc, "triplets/margin": (r_better - r_worse).mean().item()}
+        loss = losses.sum() if self.config.reduction == "sum" else losses.mean()
+        return loss, {"triplets/accuracy": acc, "triplets/margin": (r_better - r_worse).mean().item()}
 
     @torch.no_grad()
     def accuracy(self, anchor, better, worse, *, batch: int = 64) -> float:

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from ..objectives import dpo_logits, dpo_loss
 
 DPO_FORMS = ("logsigmoid", "deformpam")
-TRIPLET_FORMS = ("bt", "rapl_code")
+TRIPLET_FORMS = ("rapl_code", "bt")
+REDUCTIONS = ("sum", "mean")
 TIE_MODES = ("drop", "sft")
 
 
@@ -98,12 +99,13 @@ def triplet_probability(r_better: torch.Tensor, r_worse: torch.Tensor) -> torch.
     return torch.sigmoid(r_better - r_worse)
 
 
-def rapl_triplet_loss(r_better: torch.Tensor, r_worse: torch.Tensor, *, form: str = "bt",
+def rapl_triplet_loss(r_better: torch.Tensor, r_worse: torch.Tensor, *, form: str = "rapl_code",
                       tie: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-triplet RAPL losses (B,).
+    """Per-triplet RAPL losses (B,); the author code sums them over the batch (``torch.sum``).
 
-    ``bt``: Bradley-Terry ``-log p`` (computed as ``-logsigmoid(ΔR)`` for stability). ``rapl_code``: ``1 - p``, the
-    author code's contrastive term (``thomasrantian/mvp`` ``preference_representation_train``, c4ef8e2 and HEAD).
+    ``rapl_code`` (default): ``1 - p``, the author code's contrastive term (``thomasrantian/mvp``
+    ``preference_representation_train``, c4ef8e2 and HEAD). ``bt``: Bradley-Terry ``-log p`` (computed as
+    ``-logsigmoid(ΔR)`` for stability), which the author code does not use.
     Rows where ``tie`` is True instead get ``(0.5 - p)²`` (the HEAD script's "equally good" term).
     """
     if form not in TRIPLET_FORMS:
@@ -117,6 +119,7 @@ def rapl_triplet_loss(r_better: torch.Tensor, r_worse: torch.Tensor, *, form: st
 
 __all__ = [
     "DPO_FORMS",
+    "REDUCTIONS",
     "TIE_MODES",
     "TRIPLET_FORMS",
     "deformpam_logits",

@@ -160,7 +160,8 @@ class TrainConfig:
     mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16."})
     seed: int = 0
     share_noise: bool = field(default=True, metadata={"help": "Winner and loser share t and ε (official)."})
-    weighting: str = field(default="none", metadata={"help": "ω(λ_t): none | snr | min_snr."})
+    weighting: str = field(default="none", metadata={
+        "help": "ω(λ_t) on each per-sample error: none (official) | snr (the x0-error: ε-error/λ_t) | min_snr (γ = snr_gamma)."})
     snr_gamma: float = 5.0
     checkpoint_every: int | None = 500
     keep_last_checkpoints: int | None = None

@@ -183,15 +183,15 @@ class PreferenceTrainer:
         return self
 
     def _dual_captions(self, params):
-        from ..data.captions import CaptionPerturber, caption_vocabulary, load_captioner
+        from ..data.captions import WordSwap, caption_vocabulary, load_captioner
         from ..data.pairs import DualCaptions
 
         vocab = caption_vocabulary(self.dataset.caption(i) for i in range(min(len(self.dataset), 2000)))
-        perturber = CaptionPerturber(params.perturbation, vocab)
         captioner = load_captioner(params.captioner) if params.captioner else None
+        columns = tuple(params.caption_columns) if params.caption_columns else None
         if params.loser_caption in ("column", "hybrid") and captioner is None:
-            self.dataset.image_captions(0)  # fail at setup, not mid-run, when the columns are missing
-        return DualCaptions(params.loser_caption, perturber, captioner)
+            self.dataset.image_captions(0, columns)  # fail at setup, not mid-run, when the columns are missing
+        return DualCaptions(params.loser_caption, WordSwap(params.swap_fraction, vocab), captioner, columns)
 
     def _make_optimizer(self, params):
         o = self.config.optimizer

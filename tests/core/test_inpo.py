@@ -49,6 +49,43 @@ def test_back_solved_noise_reproduces_the_inverted_latent():
     torch.testing.assert_close(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, x_inv, atol=1e-5, rtol=1e-5)
 
 
+def test_eta_noise_is_scaled_by_the_ddim_standard_deviation():
+    """One step from level "-99" (ᾱ_0) to level 1 with η = 0.7: x_1 = step(ε, x_0) + η σ ξ with
+    σ² = (1-ᾱ_0)/(1-ᾱ_1) (1 - ᾱ_1/ᾱ_0) and ξ the generator's first normal draw."""
+    s = DDIMScheduler(**SD_SCHED)
+    x0 = torch.randn(3, 2, 4, 4)
+    denoiser = lambda x, tt, c: 0.3 * x
+    x1, level = ddim_invert(denoiser, s, x0, None, torch.ones(3, dtype=torch.long), eta=0.7,
+                            generator=torch.Generator().manual_seed(5))
+    assert level.tolist() == [1, 1, 1]
+    a0, a1 = s.alphas_cumprod[0].double(), s.alphas_cumprod[1].double()
+    sigma = ((1 - a0) / (1 - a1) * (1 - a1 / a0)).sqrt()
+    xi = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    want = ddim_inversion_step(0.3 * x0, x0, a0.float(), a1.float()) + 0.7 * sigma.float() * xi
+    torch.testing.assert_close(x1, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["official", "inverted_level"])
+def test_inversion_noise_provider_back_solves_at_the_returned_t(mode):
+    """The provider's (t, ε̃) put the pair exactly on the inverted latent: sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε̃ = x_inv, with
+    t shared by winner and loser (official: the sampled t; inverted_level: the level L(t) the inversion reached)."""
+    from diffalign.likelihood import sample_timesteps
+    from diffalign.objectives.inpo import InPOConfig, inversion_noise_provider
+
+    s = DDIMScheduler(**SD_SCHED)
+    denoiser = lambda x, tt, c: 0.3 * x
+    x0 = torch.randn(6, 2, 4, 4)
+    t, eps = inversion_noise_provider(InPOConfig(timesteps=mode))(denoiser, s, x0, None,
+                                                                  torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)  # replay the provider's draws: t, then the inversion's ξ
+    t_drawn = sample_timesteps(3, 1000, generator=g).repeat(2)
+    x_inv, level = ddim_invert(denoiser, s, x0, None, t_drawn, eta=0.1, generator=g)
+    assert torch.equal(t, t_drawn if mode == "official" else level.clamp(max=999))
+    assert torch.equal(t[:3], t[3:])
+    abar = s.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, x_inv, atol=1e-5, rtol=1e-5)
+
+
 def test_inpo_step_calls(tiny_sd15_dir, pickapic_dir, tmp_path):
     cfg = parse_config(base_config(tiny_sd15_dir, pickapic_dir, tmp_path / "run", max_steps=1,
                                    checkpoint_every=None, objective={"name": "inpo", "beta": 2000}))
@@ -60,6 +97,9 @@ def test_inpo_step_calls(tiny_sd15_dir, pickapic_dir, tmp_path):
     grads = [g for g, _ in calls]
     assert grads[-2:] == [True, False] and not any(grads[:-2])  # inversion (no grad), policy, reference
     assert 1 <= len(calls) - 2 <= 10
+    # the inversion calls the U-Net at the level it starts each step from: 0 (for "-99"), 1, 101, ...
+    assert [ts for _, ts in calls[:-2]] == [[k] * 4 for k in [0, 1, 101, 201, 301, 401, 501, 601, 701, 801]][
+        :len(calls) - 2]
     t_policy = calls[-2][1]
     assert t_policy[:2] == t_policy[2:]  # winner and loser share t
     tr.cleanup()

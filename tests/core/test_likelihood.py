@@ -42,11 +42,11 @@ def test_preference_errors_by_hand():
     calls = []
 
     def model(x_t, tt, cond):
-        calls.append(torch.is_grad_enabled())
+        calls.append((torch.is_grad_enabled(), tt))
         return a * x_t
 
     def ref(x_t, tt, cond):
-        calls.append(torch.is_grad_enabled())
+        calls.append((torch.is_grad_enabled(), tt))
         return 0.3 * x_t
 
     e = preference_errors(model, s, x0, None, reference=ref, t=t, noise=noise)
@@ -56,16 +56,54 @@ def test_preference_errors_by_hand():
     want_ref = ((noise - 0.3 * x_t) ** 2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(torch.cat([e.model_w, e.model_l]), want)
     torch.testing.assert_close(torch.cat([e.ref_w, e.ref_l]), want_ref)
-    assert calls == [True, False]  # one grad call (2B batch), one no-grad reference call
+    assert [g for g, _ in calls] == [True, False]  # one grad call (2B batch), one no-grad reference call
+    assert all(torch.equal(tt, t) for _, tt in calls)  # both at the pair's own t
     assert e.model_w.requires_grad and not e.ref_w.requires_grad
 
 
-def test_min_snr_weights():
-    s = sched()
-    t = torch.tensor([1, 999])
-    snr = s.alphas_cumprod[t] / (1 - s.alphas_cumprod[t])
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+def test_snr_weighting_turns_the_error_into_the_x0_error(pred):
+    """ω·mean((y - ŷ)²) equals mean((x0 - x̂0)²) with x̂0 from diffusers' own DDPMScheduler.step, per sample."""
+    s = sched(pred)
+    s.register_to_config(clip_sample=False)  # step() would clip x̂0 to [-1, 1]
+    g = torch.Generator().manual_seed(0)
+    x0, noise, prediction = (torch.randn(4, 3, 4, 4, generator=g) for _ in range(3))
+    t = torch.tensor([0, 10, 500, 999])
+    _, target = noisy_sample_and_target(s, x0, noise, t)
+    x_t = s.add_noise(x0, noise, t)
+    x0_hat = torch.stack([s.step(prediction[i:i + 1], int(t[i]), x_t[i:i + 1]).pred_original_sample[0]
+                          for i in range(len(t))])
+    want = ((x0 - x0_hat) ** 2).mean(dim=(1, 2, 3))
+    got = timestep_weights(s, t, "snr") * ((target - prediction) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_snr_weighting_by_hand_on_the_sd_schedule():
+    """ε-prediction, SD schedule: x0-error = ε-error / λ_t, λ_t = ᾱ_t/(1-ᾱ_t): 0.00085 / 2.6 / 214 at t = 0 / 500 / 999."""
+    w = timestep_weights(sched(), torch.tensor([0, 500, 999]), "snr")
+    torch.testing.assert_close(w, torch.tensor([8.5075e-4, 2.6188, 213.59]), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+def test_min_snr_weights_equal_diffusers_compute_snr_recipe(pred):
+    """diffusers examples/text_to_image/train_text_to_image.py: min(snr, γ) / snr (ε) or / (snr + 1) (v)."""
+    from diffusers.training_utils import compute_snr
+
+    s = sched(pred)
+    t = torch.tensor([0, 1, 200, 500, 999])
+    snr = compute_snr(s, t)
+    want = torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    want = want / snr if pred == "epsilon" else want / (snr + 1)
     w = timestep_weights(s, t, "min_snr", 5.0)
-    torch.testing.assert_close(w, torch.clamp(snr, max=5.0) / snr)
-    assert w[0] < 1 and w[1] == pytest.approx(1.0)
+    torch.testing.assert_close(w, want)
     with pytest.raises(ValueError, match="weighting must be one of"):
         timestep_weights(s, t, "bogus")
+
+
+@pytest.mark.parametrize("weighting", ["snr", "min_snr"])
+def test_zero_terminal_snr_step_gets_weight_one(weighting):
+    """ᾱ_999 = 0 (rescale_betas_zero_snr): λ = 0, 1/λ would be inf; the step gets weight 1 as in diffusers."""
+    s = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True)
+    assert s.alphas_cumprod[999] == 0
+    w = timestep_weights(s, torch.tensor([500, 999]), weighting)
+    assert torch.isfinite(w).all() and w[1] == 1.0 and w[0] != 1.0

@@ -28,6 +28,23 @@ def test_aaf_routes_reference_sample_by_anchor():
     assert model_r.grad[1] < 0
 
 
+@pytest.mark.parametrize("flipper", ["sign", "indicator"])
+def test_a_tie_drops_the_reference_sample_term(flipper):
+    """e_ref(x_w) == e_θ(x_w) (the snapshot equals the policy): s = 0, so d loss / d e_θ(x_r) = 0 and the loss is
+    DPO on the winner alone: -log σ(-β/2 (e_θ(x_w) - e_ref(x_w))) = ln 2 here."""
+    model_w = torch.tensor([0.20, 0.20], dtype=D, requires_grad=True)
+    ref_w = torch.tensor([0.20, 0.20], dtype=D)
+    model_r = torch.tensor([0.15, 0.30], dtype=D, requires_grad=True)
+    ref_r = torch.tensor([0.10, 0.10], dtype=D)
+    assert aaf_sign(model_w, ref_w, flipper).tolist() == [0.0, 0.0]
+    loss = seppo_loss(model_w, model_r, ref_w, ref_r, beta=5000.0, flipper=flipper)
+    loss.backward()
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-12)
+    assert model_r.grad.tolist() == [0.0, 0.0]
+    # the winner's term still trains: d/d e_θ(x_w) of -log σ(-β/2 Δ_w) at Δ_w = 0 is β/4 / B = 625 per sample
+    assert model_w.grad.tolist() == pytest.approx([625.0, 625.0])
+
+
 def test_seppo_by_hand():
     """s = +1 (policy better on the anchor): inside = -2500·[(0.10-0.12) - (0.13-0.11)] = 100 -> ≈ 0;
     s = -1: inside = -2500·[(0.12-0.10) + (0.13-0.11)] = -100 -> ≈ 100."""
@@ -54,6 +71,8 @@ def test_seppo_trains_resumes_and_keeps_pool(tiny_sd15_dir, pickapic_dir, tmp_pa
     full.train()
     # per step: 2 sampling calls (no grad, CFG batch), one policy call, one reference call
     assert calls == [False, False, True, False] * 4
+    # step 1 draws the initial snapshot, which equals the policy: every pair is a tie and its sample's term drops
+    assert full.history[0]["seppo/ref_dropped"] == 1.0
     assert [s for s, _ in full.pool] == [0, 3, 4]  # initial kept, then the latest K-1
     full.cleanup()
 

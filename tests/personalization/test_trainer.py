@@ -19,10 +19,14 @@ def first_batch(tr, n=4):
 
 
 def test_branch_only_run(tiny_sd15_dir, user_pairs_dir, tmp_path, ppd_config):
-    cfg = ppd_config(tiny_sd15_dir, user_pairs_dir, tmp_path / "run", objective={"user_dropout": 0.0},
-                     **{"model.lora": None, "max_steps": 3, "checkpoint_every": None, "dataset.random_flip": False})
+    kw = {"model.lora": None, "max_steps": 3, "checkpoint_every": None, "dataset.random_flip": False}
+    with pytest.raises(ConfigError, match="objective.user_dropout: 0.1 with model.lora null: only the user branch"):
+        PersonalizedTrainer(ppd_config(tiny_sd15_dir, user_pairs_dir, tmp_path / "run", objective={
+            "user_dropout": 0.1}, **kw)).setup()
+    cfg = ppd_config(tiny_sd15_dir, user_pairs_dir, tmp_path / "run", **kw)
     assert trainer_class(cfg) is PersonalizedTrainer
     tr = PersonalizedTrainer(cfg).setup()
+    assert tr.user_dropout == 0.0  # branch only: a dropped pair would be policy = reference (ln 2, no gradient)
     unet = tr.accelerator.unwrap_model(tr.unet)
 
     # users and their few-shot sets: every support pair belongs to its user
@@ -39,15 +43,24 @@ def test_branch_only_run(tiny_sd15_dir, user_pairs_dir, tmp_path, ppd_config):
     assert out.metrics["errors/policy_w"] == out.metrics["errors/ref_w"]
 
     # one policy call with the pair's user, one reference call without any user
-    seen = []
-    unet.register_forward_pre_hook(lambda m, a, kw: seen.append((
-        torch.is_grad_enabled(), (kw.get("cross_attention_kwargs") or {}).get("user_tokens") is not None)),
-        with_kwargs=True)
+    seen, tokens = [], []
+
+    def record(module, args, kwargs):
+        u = (kwargs.get("cross_attention_kwargs") or {}).get("user_tokens")
+        seen.append((torch.is_grad_enabled(), u is not None))
+        if u is not None:
+            tokens.append(u.detach().clone())
+
+    unet.register_forward_pre_hook(record, with_kwargs=True)
     base = {n: p.detach().clone() for n, p in unet.named_parameters() if not p.requires_grad}
     branch = {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
     assert branch and all(".processor." in n or n.startswith("user_projection.") for n in branch)
     tr.train()
     assert seen == [(True, True), (False, False)] * 3
+    assert [h["users/dropped"] for h in tr.history] == [0.0] * 3
+    for u in tokens:  # winner and loser of a pair carry the same (labelling) user's tokens, and they are not zero
+        b = u.shape[0] // 2
+        assert torch.equal(u[:b], u[b:]) and torch.count_nonzero(u) > 0
     params = dict(unet.named_parameters())
     assert all(torch.equal(params[n], v) for n, v in base.items())  # the base U-Net is frozen
     moved = [n for n, v in branch.items() if not torch.equal(params[n], v)]
@@ -77,6 +90,7 @@ def test_branch_only_run(tiny_sd15_dir, user_pairs_dir, tmp_path, ppd_config):
 
 
 def test_lora_and_branch_train_and_dropout(tiny_sd15_dir, user_pairs_dir, tmp_path, ppd_config):
+    assert PersonalizedTrainer(ppd_config(tiny_sd15_dir, user_pairs_dir, tmp_path / "d"))._user_dropout() == 0.1
     cfg = ppd_config(tiny_sd15_dir, user_pairs_dir, tmp_path / "run",
                      objective={"user_dropout": 0.5, "example_sets": 2, "init": "zero_gate"},
                      **{"max_steps": 2, "checkpoint_every": None})
@@ -93,7 +107,7 @@ def test_lora_and_branch_train_and_dropout(tiny_sd15_dir, user_pairs_dir, tmp_pa
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
 
     # dropped users get exactly zero tokens
-    tr.config.objective.params.user_dropout = 1.0  # (the config allows < 1; set directly to force it)
+    tr.user_dropout = 1.0  # (the config allows < 1; set directly to force it)
     tokens = tr.batch_user_tokens(first_batch(tr))
     assert torch.count_nonzero(tokens) == 0
     tr.cleanup()

@@ -63,6 +63,7 @@ def test_triplet_losses_hand_worked():
     assert p == pytest.approx(0.668188, abs=1e-6)
     assert rapl_triplet_loss(rb, rc, form="bt").item() == pytest.approx(0.403186, abs=1e-6)
     assert rapl_triplet_loss(rb, rc, form="rapl_code").item() == pytest.approx(0.331812, abs=1e-6)
+    assert rapl_triplet_loss(rb, rc).item() == pytest.approx(0.331812, abs=1e-6)  # the author code's form
     assert rapl_triplet_loss(rb, rc, tie=torch.tensor([True])).item() == pytest.approx(0.028287, abs=1e-6)
     # p matches the exp form of the RAPL code
     assert p == pytest.approx(math.exp(-0.2) / (math.exp(-0.2) + math.exp(-0.9)))

@@ -142,6 +142,16 @@ def test_implicit_reward_common_random_numbers():
     assert torch.equal(implicit_reward(ref, ref, obs, c, n_draws=3), torch.zeros(3, 4))
 
 
+def test_implicit_reward_is_positive_where_the_policy_denoises_better():
+    """r̂ = -β · mean_m [e_θ - e_ref]: a reference whose prediction is off by +10 everywhere has e_ref ≫ e_θ on every
+    candidate, so every reward is positive, and RAS picks the candidate where the policy's advantage is largest."""
+    policy = tiny_policy()
+    worse = lambda x_t, t, obs: policy(x_t, t, obs) + 10.0
+    obs, c = torch.randn(2, 7), torch.randn(2, 3, 8, 2)
+    r = implicit_reward(policy, worse, obs, c, beta=1.0, n_draws=2, generator=torch.Generator().manual_seed(0))
+    assert (r > 50).all()  # e_ref - e_θ ≈ 100 (the squared offset) up to the cross term
+
+
 def test_head_select_n1_is_the_reference_sample():
     policy = tiny_policy()
     head = DeformPAMHead(policy, DeformPAMConfig(n_draws=2))
@@ -162,6 +172,27 @@ def test_small_cnn_and_rapl_head_step():
     r = head.reward(frames[0][:2])(frames[1])
     assert r.shape == (4,) and (r <= 0).all()
     assert SmallCNN(5)(torch.rand(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_rapl_default_loss_is_the_author_codes_sum_of_one_minus_p():
+    """RAPL code's contrastive term: torch.sum(1 - exp R(B|A) / (exp R(B|A) + exp R(C|A))) over the batch, with
+    its gradients (the scripts without tie triplets add the same sum twice: a factor 2 Adam does not see)."""
+    from diffalign.robot.modeling_rapl import triplet_rewards
+
+    torch.manual_seed(0)
+    cfg = RAPLConfig(emb_dim=8, cnn_channels=(4, 8), eps=0.1, sinkhorn_iters=20)
+    assert (cfg.loss_form, cfg.reduction) == ("rapl_code", "sum")
+    head = RAPLHead(cfg)
+    frames = [torch.rand(3, 3, 3, 16, 16) for _ in range(3)]
+    loss, _ = head.loss(*frames)
+    (g_head,) = torch.autograd.grad(loss, [head.encoder.head.weight])
+    rb, rc = triplet_rewards(head.encoder, *frames, cfg)
+    want = torch.sum(1 - torch.exp(rb) / (torch.exp(rb) + torch.exp(rc)))
+    (g_want,) = torch.autograd.grad(want, [head.encoder.head.weight])
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(g_head, g_want)
+    mean_loss, _ = RAPLHead(RAPLConfig(**{**cfg.to_dict(), "reduction": "mean"}), head.encoder).loss(*frames)
+    torch.testing.assert_close(mean_loss * 3, want)
 
 
 def test_torchvision_backbone_by_name_frozen_trunk_and_local_weights(tmp_path):
