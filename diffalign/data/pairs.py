@@ -62,6 +62,9 @@ def _load_hf(source, split: str, streaming: bool):
         return datasets.load_dataset("webdataset", data_files={split: files}, split=split, streaming=streaming)
     path = Path(str(source))
     if path.suffix in MANIFEST_SUFFIXES and path.is_file():
+        if not path.read_text(errors="replace").strip():
+            raise DatasetFormatError(f"manifest {str(path)!r} is empty: expected one pair per line "
+                                     f"({', '.join(MANIFEST_COLUMNS)})")
         kind = "csv" if path.suffix == ".csv" else "json"
         return datasets.load_dataset(kind, data_files={split: str(path)}, split=split, streaming=streaming)
     if path.is_dir():
@@ -146,7 +149,8 @@ class PreferencePairs(torch.utils.data.Dataset):
     """Map-style dataset of preference pairs.
 
     Item ``i``: a dict with ``pixels_w``, ``pixels_l`` (3, R, R) in [-1, 1], ``caption`` (str), ``original_size``
-    (h, w), ``crop_top_left`` (top, left), ``flip`` (bool), ``index`` (int) — or ``None`` if an image is unreadable.
+    (h, w), ``crop_top_left`` (top, left), ``flip`` (bool), ``index`` (int); or, if an image is unreadable,
+    ``{"unreadable": index, "reason": message}`` (the message names the file when the image is a path).
     Augmentation randomness comes from ``(seed, epoch, index)`` so it does not depend on worker count or resume.
     """
 
@@ -260,8 +264,8 @@ class PreferencePairs(torch.utils.data.Dataset):
             raw_w, raw_l = self.raw_images(index)
             img_w = decode_image(raw_w, self.base_dir)
             img_l = decode_image(raw_l, self.base_dir)
-        except UnreadableImage:
-            return None
+        except UnreadableImage as err:
+            return {"unreadable": index, "reason": str(err)}
         pixels_w, pixels_l, original, crop, flip = self.transform(img_w, img_l, self.rng(index))
         item = {
             "pixels_w": pixels_w, "pixels_l": pixels_l, "caption": self.caption(index), "index": index,
@@ -277,13 +281,15 @@ class PreferencePairs(torch.utils.data.Dataset):
 
 
 def collate_pairs(items: list) -> dict:
-    """Stack the readable items; ``num_skipped`` counts the unreadable ones (``None``).
+    """Stack the readable items; ``num_skipped`` counts the unreadable ones (``None`` or ``{"unreadable": i, ...}``),
+    ``unreadable`` lists them as ``(index, reason)``.
 
     Items decoded from images give ``pixels_w/l`` (P, 3, R, R) at rows ``pixel_rows`` of the batch; items served
     from the latent cache give ``latent_mean/std`` (Q, 2, C, h, w) at rows ``latent_rows``.
     """
-    good = [x for x in items if x is not None]
-    batch = {"num_skipped": len(items) - len(good), "size": len(good)}
+    good = [x for x in items if x is not None and "unreadable" not in x]
+    unreadable = [(x["unreadable"], x["reason"]) for x in items if x is not None and "unreadable" in x]
+    batch = {"num_skipped": len(items) - len(good), "size": len(good), "unreadable": unreadable}
     if not good:
         return batch
     pix = [i for i, x in enumerate(good) if "pixels_w" in x]

@@ -61,7 +61,7 @@ def hub_dir(
     except Exception:  # noqa: BLE001, S110 -- not cached (the error class varies across huggingface_hub versions)
         pass
     hint = (
-        f"run `huggingface-cli download {repo_id} --local-dir DIR` where there is network, copy DIR here and pass "
+        f"run `hf download {repo_id} --local-dir DIR` where there is network, copy DIR here and pass "
         f"weights=DIR (CLI: --metric {metric or scorer}=DIR), or fill the Hugging Face cache (HF_HOME)."
     )
     if _offline_env() or not _reachable(_hub_endpoint()):

@@ -66,11 +66,23 @@ def _load(cls, source: str, subfolder: str | None, **kwargs):
         return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
     except (OSError, ValueError) as err:
         where = f"{source}/{subfolder}" if subfolder else source
+        if _looks_local(source):
+            missing = not Path(source).exists()
+            raise ModelNotFoundError(
+                f"model folder {source!r} not found" if missing else
+                f"could not load {cls.__name__} from {where!r}: {str(err).splitlines()[0]} (is it a diffusers "
+                "pipeline folder, with model_index.json?)") from None
         raise ModelNotFoundError(
             f"could not load {cls.__name__} from {where!r}: {str(err).splitlines()[0]} "
-            f"(offline? download it once with `huggingface-cli download {source}` or point `model.pretrained` "
+            f"(offline? download it once with `hf download {source}` or point `model.pretrained` "
             f"at a local diffusers folder)"
         ) from None
+
+
+def _looks_local(source: str) -> bool:
+    """A path rather than a hub id: it exists, starts with / . ~, or has more than one slash."""
+    s = str(source)
+    return Path(s).exists() or s.startswith(("/", ".", "~")) or s.count("/") > 1 or "\\" in s
 
 
 def load_components(

@@ -103,6 +103,11 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a ``checkpoint-N`` folder was written at."""
+    return int(CHECKPOINT_RE.match(path.name).group(1))
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest checkpoint whose manifest checksums verify."""
     for path in reversed(list_checkpoints(root)):

@@ -17,10 +17,18 @@ EPILOG = """examples:
 """
 
 USER_ERRORS = (ConfigError, ModelNotFoundError, DatasetFormatError, ImportError, FileNotFoundError)
+USAGE = "usage: diffalign train CONFIG.yaml [key=value ...] [--resume | --overwrite]"
 
 
 def main(argv: list[str]) -> int:
-    from .trainer import NonFiniteError, RunExistsError, trainer_class
+    from .trainer import (
+        LaunchError,
+        NonFiniteError,
+        ResumeMismatchError,
+        RunExistsError,
+        UnreadableDataError,
+        trainer_class,
+    )
 
     parser = argparse.ArgumentParser(prog="diffalign train", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,19 +36,25 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. objective.beta=2000")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     parser.add_argument("--overwrite", action="store_true", help="discard checkpoints already in output_dir")
-    args = parser.parse_args(argv)
+    if not argv:
+        print(f"{USAGE}\ndiffalign train: error: a config file is required (e.g. configs/sd15_dpo.yaml)",
+              file=sys.stderr)
+        return 2
+    args = parser.parse_intermixed_args(argv)  # flags and key=value overrides in any order
     try:
         cfg = load_config(args.config, args.overrides)
         trainer = trainer_class(cfg)(cfg).setup(resume=args.resume, overwrite=args.overwrite)
-    except (*USER_ERRORS, RunExistsError) as err:
+    except (*USER_ERRORS, RunExistsError, ResumeMismatchError, LaunchError) as err:
         kind = "config error" if isinstance(err, ConfigError) else "error"
         print(f"diffalign: {kind}: {err}", file=sys.stderr)
         return 2
     try:
         summary = trainer.train()
-    except NonFiniteError as err:
+    except (NonFiniteError, UnreadableDataError) as err:
         print(f"diffalign: error: {err}", file=sys.stderr)
         return 1
+    main_process = trainer.accelerator.is_main_process
     trainer.cleanup()
-    print(f"diffalign: done, {summary['steps']} steps; adapter/weights in {cfg.output_dir}")
+    if main_process:
+        print(f"diffalign: done, {summary['steps']} steps; adapter/weights in {cfg.output_dir}")
     return 0

@@ -82,7 +82,9 @@ class ModelConfig:
 class DataConfig:
     source: Any = field(default=None, metadata={"help": "Hub id, local folder, manifest .jsonl/.csv, or .tar shards."})
     split: str = "train"
-    resolution: int = 512
+    resolution: int | None = field(default=None, metadata={
+        "help": "Training size in pixels; null = the model's native size (U-Net sample_size x VAE scale: SD1.5 512, "
+                "SDXL 1024)."})
     center_crop: bool = True
     random_flip: bool = True
     keep_ties: bool = field(default=False, metadata={"help": "Ties (0.5/0.5) are dropped unless true."})
@@ -91,11 +93,16 @@ class DataConfig:
     proportion_empty_prompts: float = field(default=0.0, metadata={"help": "Official DPO used 0.2."})
     cache_dir: str | None = field(default=None, metadata={"help": "Cache VAE latents + text embeddings here."})
     num_workers: int = 0
+    min_readable_fraction: float = field(default=0.5, metadata={
+        "help": "Stop when fewer than this share of the pairs read so far could be decoded (checked from 64 pairs "
+                "on); a run where no pair can be read always stops."})
 
     def validate(self):
         _check(self.source is not None, "dataset.source", "is required")
-        _check(self.resolution >= 8 and self.resolution % 8 == 0, "dataset.resolution",
+        _check(self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0), "dataset.resolution",
                f"must be a positive multiple of 8, got {self.resolution}")
+        _check(0 <= self.min_readable_fraction <= 1, "dataset.min_readable_fraction",
+               f"must be in [0, 1], got {self.min_readable_fraction}")
         _check(0 <= self.proportion_empty_prompts <= 1, "dataset.proportion_empty_prompts",
                f"must be in [0, 1], got {self.proportion_empty_prompts}")
         _check(self.max_samples is None or self.max_samples > 0, "dataset.max_samples",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -40,6 +41,37 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, dump_config
 
 
+class UnreadableDataError(RuntimeError):
+    """Too few pairs of the dataset can be decoded to train on."""
+
+
+class ResumeMismatchError(RuntimeError):
+    """The checkpoint to resume does not fit the model built from the config."""
+
+
+class LaunchError(RuntimeError):
+    """The processes started by the launcher are not the processes accelerate set up."""
+
+
+def _check_world_size(num_processes: int) -> None:
+    """Refuse to run one copy per process when the launcher asked for several (torchrun on CPU without
+    ``ACCELERATE_USE_CPU=1``, or ``accelerate launch --multi_gpu`` on a machine without GPUs)."""
+    asked = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if asked > num_processes:
+        raise LaunchError(
+            f"the launcher started {asked} processes (WORLD_SIZE={asked}) but accelerate set up {num_processes}: each "
+            "would train its own copy on the same output_dir. On CPU launch with `ACCELERATE_USE_CPU=1 torchrun "
+            f"--nproc_per_node {asked} -m diffalign.cli train ...`; on GPUs with `accelerate launch -m diffalign.cli "
+            "train ...`")
+
+
+def native_resolution(components) -> int:
+    """The pixel size the model was trained at: U-Net ``sample_size`` x the VAE's downsampling factor."""
+    size = components.unet.config.sample_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return int(size) * 2 ** (len(components.vae.config.block_out_channels) - 1)
+
+
 class RunExistsError(RuntimeError):
     """The output directory holds another run's checkpoints."""
 
@@ -63,7 +95,9 @@ class PreferenceTrainer:
         self.step = 0
         self.epoch = 0
         self.position = 0  # indices of the current epoch already consumed by this process
-        self.num_skipped = 0
+        self.num_skipped = 0  # unreadable pairs met, counting repeats over epochs
+        self.met_here = [0, 0]  # pairs met by this process since it started (or resumed): readable, not
+        self.unreadable: dict[int, str] = {}  # index -> why it could not be read
         self.nonfinite_skipped = 0
         self.consecutive_nonfinite = 0
         self.history: list[dict] = []
@@ -80,9 +114,18 @@ class PreferenceTrainer:
                 f"{self.output_dir} already holds checkpoints of a run ({existing[-1].name}); "
                 "pass --resume to continue it or --overwrite to start over"
             )
+        finished = self.output_dir / "summary.json"
+        if finished.exists() and not existing and not overwrite:
+            raise RunExistsError(f"{self.output_dir} holds a finished run ({finished.name}) and no checkpoint to "
+                                 "resume from; pass --overwrite to replace it or choose another output_dir")
+        latest = ckpt.latest_checkpoint(self.checkpoint_dir) if resume else None
+        if latest is not None and ckpt.checkpoint_step(latest) > cfg.max_steps:
+            raise RunExistsError(f"--resume: {latest.name} is past max_steps={cfg.max_steps}; resuming would move the "
+                                 "run backwards (raise max_steps, or --overwrite to start over)")
         if overwrite and not resume and self.output_dir.exists():
             shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
             (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (self.output_dir / "summary.json").unlink(missing_ok=True)
         # A process may run several trainers (tests, notebooks, the objectives comparison): accelerate keeps one
         # global AcceleratorState, so drop it (keeping the distributed PartialState) before configuring a new one.
         from accelerate.state import AcceleratorState
@@ -95,6 +138,7 @@ class PreferenceTrainer:
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                 logging_dir=str(self.output_dir / "logs")),
         )
+        _check_world_size(acc.num_processes)
         set_seed(cfg.seed)
         self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
 
@@ -151,6 +195,8 @@ class PreferenceTrainer:
         )
 
         d = cfg.dataset
+        if d.resolution is None:
+            d.resolution = native_resolution(c)
         transform = PairTransform(d.resolution, d.center_crop, d.random_flip)
         self.dataset = PreferencePairs(
             d.source, split=d.split, transform=transform, keep_ties=d.keep_ties, max_samples=d.max_samples,
@@ -178,7 +224,8 @@ class PreferenceTrainer:
             f"diffalign: {cfg.objective.name} on {c.source} ({c.family}), {len(self.dataset)} pairs "
             f"(ties dropped {self.dataset.stats.ties_dropped}, bad labels {self.dataset.stats.bad_labels_dropped}), "
             f"{'LoRA r=%d' % m.lora.rank if m.lora else 'full fine-tuning'}, "
-            f"{sum(p.numel() for p in params):,} trainable params, device {acc.device}"
+            f"{sum(p.numel() for p in params):,} trainable params, {d.resolution} px, device {acc.device}, "
+            f"{acc.num_processes} process{'es' if acc.num_processes > 1 else ''}"
         )
         return self
 
@@ -294,75 +341,104 @@ class PreferenceTrainer:
         window: list[dict] = []
         bad_window = False
         start = time.time()
-        while self.step < cfg.max_steps:
-            self.dataset.epoch = self.epoch
-            sampler = ResumableSampler(len(self.dataset), cfg.seed, self.epoch, self.position,
-                                       rank=acc.process_index, world_size=acc.num_processes)
-            loader = torch.utils.data.DataLoader(
-                self.dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_pairs,
-                num_workers=cfg.dataset.num_workers,
-            )
-            for batch in loader:
-                self.position += batch["size"] + batch["num_skipped"]
-                self.num_skipped += batch["num_skipped"]
-                if batch["size"] == 0:
-                    continue
-                with acc.accumulate(self.unet):
-                    out = self.compute_loss(batch)
-                    if torch.isfinite(out.loss):
-                        acc.backward(out.loss)
-                    else:
-                        bad_window = True  # never backpropagate a NaN/inf loss into the accumulated gradients
-                    window.append({"loss": out.loss.item(), **out.metrics})
-                    if not acc.sync_gradients:
+        try:  # the bar ends its line even when the run stops with an error
+            while self.step < cfg.max_steps:
+                self.dataset.epoch = self.epoch
+                sampler = ResumableSampler(len(self.dataset), cfg.seed, self.epoch, self.position,
+                                           rank=acc.process_index, world_size=acc.num_processes)
+                loader = torch.utils.data.DataLoader(
+                    self.dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_pairs,
+                    num_workers=cfg.dataset.num_workers,
+                )
+                read, unread = 0, 0  # this epoch's pairs, readable and not
+                for batch in loader:
+                    self.position += batch["size"] + batch["num_skipped"]
+                    self._count_unreadable(batch)
+                    read, unread = read + batch["size"], unread + batch["num_skipped"]
+                    if batch["size"] == 0:
                         continue
-                    # fp16's grad scaler skips overflowing steps itself; elsewhere inf/NaN gradients are a failure
-                    if not bad_window and cfg.mixed_precision != "fp16" and not self._grads_finite():
-                        bad_window = True
-                    if not bad_window:
-                        if cfg.optimizer.max_grad_norm:
-                            acc.clip_grad_norm_(self.unet.parameters(), cfg.optimizer.max_grad_norm)
-                        self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                if bad_window:
-                    self._on_nonfinite(window)
-                    window, bad_window = [], False
-                    continue
-                self.consecutive_nonfinite = 0
-                self.lr_scheduler.step()
-                self.step += 1
-                if self.ema is not None:
-                    self.ema.step(self._trainable_params())
-                self.after_step()
-                bar.update(1)
-                record = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-                record.update(step=self.step, lr=self.lr_scheduler.get_last_lr()[0], skipped=self.num_skipped,
-                              nonfinite_skipped=self.nonfinite_skipped)
-                window = []
-                self.history.append(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracies', 0):.2f}")
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    self._log(record)
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
-                    self.save_checkpoint()
-                if cfg.validation.every and self.step % cfg.validation.every == 0:
-                    self.validate()
-                if self.step >= cfg.max_steps:
-                    break
-            else:
-                self.epoch += 1
-                self.position = 0
-        bar.close()
+                    with acc.accumulate(self.unet):
+                        out = self.compute_loss(batch)
+                        if torch.isfinite(out.loss):
+                            acc.backward(out.loss)
+                        else:
+                            bad_window = True  # never backpropagate a NaN/inf loss into the accumulated gradients
+                        window.append({"loss": out.loss.item(), **out.metrics})
+                        if not acc.sync_gradients:
+                            continue
+                        # fp16's grad scaler skips overflowing steps itself; elsewhere inf/NaN gradients are a failure
+                        if not bad_window and cfg.mixed_precision != "fp16" and not self._grads_finite():
+                            bad_window = True
+                        if not bad_window:
+                            if cfg.optimizer.max_grad_norm:
+                                acc.clip_grad_norm_(self.unet.parameters(), cfg.optimizer.max_grad_norm)
+                            self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    if bad_window:
+                        self._on_nonfinite(window)
+                        window, bad_window = [], False
+                        continue
+                    self.consecutive_nonfinite = 0
+                    self.lr_scheduler.step()
+                    self.step += 1
+                    if self.ema is not None:
+                        self.ema.step(self._trainable_params())
+                    self.after_step()
+                    bar.update(1)
+                    record = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                    record.update(step=self.step, lr=self.lr_scheduler.get_last_lr()[0], skipped=self.num_skipped,
+                                  nonfinite_skipped=self.nonfinite_skipped)
+                    window = []
+                    self.history.append(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracies', 0):.2f}")
+                    if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                        self._log(record)
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
+                        self.save_checkpoint()
+                    if cfg.validation.every and self.step % cfg.validation.every == 0:
+                        self.validate()
+                    if self.step >= cfg.max_steps:
+                        break
+                else:
+                    if unread and not read:
+                        raise UnreadableDataError(self._unreadable_message("no pair of the epoch could be read"))
+                    self.epoch += 1
+                    self.position = 0
+        finally:
+            bar.close()
         acc.wait_for_everyone()
-        summary = {"steps": self.step, "skipped_samples": self.num_skipped,
+        unreadable = sorted(self.unreadable.items())
+        summary = {"steps": self.step, "skipped_samples": self.num_skipped, "unreadable_pairs": len(unreadable),
+                   "unreadable": [{"index": i, "reason": r} for i, r in unreadable[:100]],
                    "nonfinite_steps_skipped": self.nonfinite_skipped, "seconds": time.time() - start,
                    "final": self.history[-1] if self.history else {}}
         if acc.is_main_process:
             self.save_final()
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            if self.num_skipped:
-                acc.print(f"diffalign: skipped {self.num_skipped} unreadable pairs (see summary.json)")
+            if unreadable:
+                acc.print(f"diffalign: skipped {len(unreadable)} unreadable pair{'s' if len(unreadable) > 1 else ''} "
+                          f"({self.num_skipped} time{'s' if self.num_skipped > 1 else ''}); first: {unreadable[0][1]} "
+                          "(all in summary.json)")
         return summary
+
+    def _count_unreadable(self, batch: dict):
+        """Count this batch's unreadable pairs (by index, with the first reason) and stop when the share of readable
+        pairs read so far falls below ``dataset.min_readable_fraction`` (from 64 attempts on)."""
+        self.num_skipped += batch["num_skipped"]
+        self.met_here[0] += batch["size"]
+        self.met_here[1] += batch["num_skipped"]
+        for index, reason in batch["unreadable"]:
+            self.unreadable.setdefault(int(index), reason)
+        read, attempts = self.met_here[0], sum(self.met_here)
+        floor = self.config.dataset.min_readable_fraction
+        if attempts >= min(64, len(self.dataset)) and read < floor * attempts:
+            what = f"only {read} of {attempts}" if read else f"none of the {attempts}"
+            raise UnreadableDataError(self._unreadable_message(
+                f"{what} pairs read so far could be decoded (below dataset.min_readable_fraction={floor})"))
+
+    def _unreadable_message(self, what: str) -> str:
+        first = min(self.unreadable.items())[1] if self.unreadable else "?"
+        return f"{what}; first unreadable: {first}"
 
     def _grads_finite(self) -> bool:
         grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
@@ -424,7 +500,7 @@ class PreferenceTrainer:
             return
         state = {
             "step": self.step, "epoch": self.epoch, "position": self.position, "num_skipped": self.num_skipped,
-            "nonfinite_skipped": self.nonfinite_skipped,
+            "nonfinite_skipped": self.nonfinite_skipped, "unreadable": dict(self.unreadable),
             "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
                     "numpy": _numpy_state(), "python": _python_state(),
@@ -445,8 +521,17 @@ class PreferenceTrainer:
         self.restore_extras({k: v for k, v in saved.items() if not k.startswith("trainable.")}, state["extras"])
         params = dict(self.accelerator.unwrap_model(self.unet).named_parameters())
         missing = set(n for n, p in params.items() if p.requires_grad) - set(weights)
-        if missing or set(weights) - set(params):
-            raise RuntimeError(f"checkpoint {path} does not match the model (e.g. {sorted(missing)[:2]})")
+        extra = set(weights) - set(params)
+        reshaped = sorted(n for n, w in weights.items() if n in params and params[n].shape != w.shape)
+        if missing or extra or reshaped:
+            if reshaped:
+                n = reshaped[0]
+                example = f"{n}: {tuple(weights[n].shape)} in the checkpoint, {tuple(params[n].shape)} here"
+            else:
+                example = f"{'missing' if missing else 'unexpected'} {min(missing or extra)}"
+            raise ResumeMismatchError(
+                f"--resume: {path.name} was written for another model or LoRA setting ({example}); resume with "
+                "the run's own config.yaml, or --overwrite to start over")
         with torch.no_grad():
             for n, w in weights.items():
                 params[n].copy_(w)
@@ -455,6 +540,7 @@ class PreferenceTrainer:
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.num_skipped = state["num_skipped"]
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
+        self.unreadable = dict(state.get("unreadable", {}))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         self.generator.set_state(rng["generator"])

@@ -84,7 +84,10 @@ def test_unreadable_images_are_skipped_and_counted(name, tmp_path):
     batch = collate_pairs([ds[i] for i in range(len(ds))])
     assert batch["num_skipped"] == 1 and batch["size"] == 2
     assert [c for c in batch["captions"]] == ["p0", "p2"]  # never trained on the bad pair
-    record("image", name, "pair skipped and counted (`skipped_samples` in summary.json, a line at the end of the run)")
+    (index, reason), = batch["unreadable"]
+    assert index == 1 and (name != "missing file" or "1_l.png" in reason)
+    record("image", name, "pair skipped and counted once, by name (`unreadable` in summary.json, a line at the end "
+           "of the run)")
 
 
 @pytest.mark.parametrize("name", list(ODD_IMAGES))
@@ -231,6 +234,158 @@ def test_run_refuses_to_overwrite_another_run(tiny_sd15_dir, pickapic_dir, tmp_p
     err = capsys.readouterr().err.strip()
     assert "--resume" in err and "--overwrite" in err and len(err.splitlines()) == 1
     record("disk", "output_dir holds another run's checkpoints", f"exit 2, one line: `{err.split(': ', 2)[-1][:200]}`")
+
+
+def _write_config(tmp_path, model, data, out, name="c.yaml", **kw):
+    (tmp_path / name).write_text(yaml.safe_dump(base_config(model, data, out, **kw)))
+    return str(tmp_path / name)
+
+
+def _one_line(capsys):
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("diffalign")]  # not progress bars
+    assert len(err) == 1, err
+    return err[0].replace("diffalign: ", "")
+
+
+def test_no_readable_pair_stops_at_once_naming_the_file(tiny_sd15_dir, tmp_path, capsys):
+    import time
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "m.jsonl").write_text("\n".join(json.dumps({"prompt": f"p{i}", "chosen": f"gone_{i}.png",
+                                                     "rejected": f"gone_{i}b.png"}) for i in range(3)))
+    cfg = _write_config(tmp_path, tiny_sd15_dir, d / "m.jsonl", tmp_path / "o", max_steps=50)
+    start = time.time()
+    assert main(["train", cfg]) == 1
+    err = _one_line(capsys)
+    assert "none of the 3 pairs read so far could be decoded" in err and "gone_0.png" in err
+    assert time.time() - start < 60
+    record("dataset", "no image of the manifest can be read (every path wrong)",
+           f"exit 1 within seconds, one line: `{err.replace(str(tmp_path), '...')[:170]}`")
+
+
+def test_mostly_unreadable_data_stops_below_the_readable_share(tiny_sd15_dir, tmp_path, capsys):
+    d = tmp_path / "m"
+    d.mkdir()
+    rows = []
+    for i in range(80):
+        if i % 4 == 0:
+            (d / f"{i}_w.png").write_bytes(png_bytes((200, 0, 0)))
+            (d / f"{i}_l.png").write_bytes(png_bytes((0, 0, 200)))
+        rows.append({"prompt": f"p{i}", "chosen": f"{i}_w.png", "rejected": f"{i}_l.png"})
+    (d / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = _write_config(tmp_path, tiny_sd15_dir, d / "m.jsonl", tmp_path / "o", max_steps=50, batch_size=8)
+    assert main(["train", cfg]) == 1
+    err = _one_line(capsys)
+    assert "below dataset.min_readable_fraction=0.5" in err
+    record("dataset", "3 of 4 pairs unreadable", f"exit 1 after 64 pairs, one line: `{err.replace(str(tmp_path), '...')[:150]}...`; "
+           "`dataset.min_readable_fraction` sets the share")
+
+
+def test_skips_are_counted_once_per_pair_with_names(tiny_sd15_dir, tmp_path, capsys):
+    path = manifest_with(tmp_path, None)  # pair 1's loser is missing; 3 steps of 2 = two passes over the data
+    out = tmp_path / "o"
+    assert main(["train", _write_config(tmp_path, tiny_sd15_dir, path, out, max_steps=3, checkpoint_every=None,
+                                        **{"dataset.min_readable_fraction": 0.0})]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["unreadable_pairs"] == 1 and summary["skipped_samples"] >= 2
+    assert summary["unreadable"][0]["index"] == 1 and "1_l.png" in summary["unreadable"][0]["reason"]
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "skipped" in ln)
+    assert "skipped 1 unreadable pair (" in line
+    record("dataset", "one unreadable pair met in several epochs", f"counted once: `{line.split(': ', 1)[1][:60]}...` "
+           "and `unreadable_pairs` / `unreadable` (index, reason) in summary.json")
+
+
+def test_empty_manifest_is_one_line(tiny_sd15_dir, tmp_path, capsys):
+    (tmp_path / "m.jsonl").write_text("")
+    assert main(["train", _write_config(tmp_path, tiny_sd15_dir, tmp_path / "m.jsonl", tmp_path / "o")]) == 2
+    err = _one_line(capsys)
+    assert "is empty" in err
+    record("dataset", "empty manifest", f"exit 2, one line: `{err.replace(str(tmp_path), '...')}`")
+
+
+def test_torchrun_without_a_backend_never_trains_two_copies(tiny_sd15_dir, pickapic_dir, tmp_path, capsys,
+                                                            monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun --nproc_per_node 2 sets; accelerate sets up 1 on CPU
+    assert main(["train", _write_config(tmp_path, tiny_sd15_dir, pickapic_dir, tmp_path / "o")]) == 2
+    err = _one_line(capsys)
+    assert "ACCELERATE_USE_CPU=1 torchrun" in err and not (tmp_path / "o" / "summary.json").exists()
+    record("launch", "`torchrun --nproc_per_node 2` without a distributed backend (CPU)",
+           f"exit 2, one line: `{err[:200]}...`")
+
+
+def test_resume_never_moves_a_run_backwards(tiny_sd15_dir, pickapic_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    cfg = _write_config(tmp_path, tiny_sd15_dir, pickapic_dir, out, max_steps=4, checkpoint_every=2)
+    assert main(["train", cfg]) == 0
+    lora, metrics = (out / "pytorch_lora_weights.safetensors").read_bytes(), (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["train", cfg, "--resume", "max_steps=1"]) == 2  # flags and overrides in any order
+    err = _one_line(capsys)
+    assert "past max_steps=1" in err
+    assert (out / "pytorch_lora_weights.safetensors").read_bytes() == lora and (out / "metrics.jsonl").read_text() == metrics
+    record("resume", "`--resume max_steps=1` on a run checkpointed at step 2",
+           f"exit 2, LoRA and metrics untouched, one line: `{err}`")
+
+
+def test_a_finished_run_is_not_overwritten_silently(tiny_sd15_dir, pickapic_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    cfg = _write_config(tmp_path, tiny_sd15_dir, pickapic_dir, out, max_steps=2, checkpoint_every=None)
+    assert main(["train", cfg]) == 0
+    lora = (out / "pytorch_lora_weights.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["train", cfg]) == 2
+    err = _one_line(capsys)
+    assert "finished run" in err and (out / "pytorch_lora_weights.safetensors").read_bytes() == lora
+    assert main(["train", "--overwrite", cfg]) == 0
+    record("disk", "output_dir holds a finished run (no checkpoints)", f"exit 2, one line: `{err.split(': ', 1)[-1].replace(str(tmp_path), '...')}`; "
+           "`--overwrite` replaces it")
+
+
+def test_resume_after_changing_the_lora_rank_is_one_line(tiny_sd15_dir, pickapic_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    cfg = _write_config(tmp_path, tiny_sd15_dir, pickapic_dir, out, max_steps=4, checkpoint_every=2)
+    assert main(["train", cfg]) == 0
+    capsys.readouterr()
+    assert main(["train", cfg, "model.lora.rank=8", "--resume"]) == 2
+    err = _one_line(capsys)
+    assert "another model or LoRA setting" in err and "(4, " in err and "(8, " in err
+    assert (out / "checkpoints" / "checkpoint-2").is_dir()  # a failed resume deletes nothing
+    record("resume", "`--resume` after changing `model.lora.rank`", f"exit 2, one line: `{err.replace(str(tmp_path), '...')[:200]}`")
+
+
+def test_train_without_a_config_says_so(capsys):
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert "a config file is required" in err and "overrides" not in err.split("error:")[1]
+    record("command line", "`diffalign train` with no argument", "exit 2: the usage line and `a config file is required`")
+
+
+def test_minimal_config_trains_at_the_models_native_size(tmp_path):
+    from diffalign.toy import toy_model_path, toy_pairs_path
+    from diffalign.training.trainer import PreferenceTrainer
+
+    cfg = parse_config({"model": str(toy_model_path()), "dataset": str(toy_pairs_path()), "objective": "dpo",
+                        "output_dir": str(tmp_path / "o"), "max_steps": 1, "report_to": None})
+    assert cfg.dataset.resolution is None
+    tr = PreferenceTrainer(cfg).setup()
+    assert tr.config.dataset.resolution == 32  # assets/toy-sd: U-Net sample_size 8 x VAE factor 4
+    tr.cleanup()
+    record("config", "README's minimal config on `assets/toy-sd` (no `dataset.resolution`)",
+           "trains at the model's native size, 32 px (SD1.5: 512, SDXL: 1024); the setup line prints it")
+
+
+def test_missing_model_folder_says_not_found_and_hub_ids_say_hf_download(pickapic_dir, tmp_path, capsys,
+                                                                         monkeypatch):
+    assert main(["train", _write_config(tmp_path, tmp_path / "no-such-model", pickapic_dir, tmp_path / "o")]) == 2
+    err = _one_line(capsys)
+    assert err.endswith("not found") and "download" not in err
+    record("model", "local model folder that does not exist", f"exit 2, one line: `{err.replace(str(tmp_path), '...')}`")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["train", _write_config(tmp_path, "someone/no-such-model", pickapic_dir, tmp_path / "o2")]) == 2
+    err = _one_line(capsys)
+    assert "`hf download someone/no-such-model`" in err
+    record("model", "hub id, offline and not cached", f"exit 2, one line: `{err[:120]}...{err[err.index('(offline'):]}`")
 
 
 def test_write_table():
