@@ -377,10 +377,11 @@ def bench_epochs(args, plan) -> dict:
 
 
 def bench_evaluators(args, plan) -> dict:
-    from diffalign.evaluators import available
+    from diffalign.evaluators import WEIGHT_FREE, available
 
     sizes = [1, 8] if plan.quick else [1, 4, 16]
-    return run_job(args, "job_evaluators", dict(workdir=str(args.workdir), names=available(), batch_sizes=sizes,
+    names = [n for n in available() if n not in WEIGHT_FREE]  # reward models with weights (not the toy oracle)
+    return run_job(args, "job_evaluators", dict(workdir=str(args.workdir), names=names, batch_sizes=sizes,
                                                 num_images=16, reps=2 if plan.quick else 3, device=args.device))
 
 

@@ -24,10 +24,9 @@ def load_pipeline(model: str, lora: str | None = None, device: str | None = None
     except (OSError, ValueError) as err:
         raise ModelNotFoundError(f"could not load pipeline {model!r}: {str(err).splitlines()[0]}") from None
     if lora:
-        from .models.lora import check_lora_matches
+        from .models.lora import load_lora_into_pipeline
 
-        check_lora_matches(pipe.unet, lora)
-        pipe.load_lora_weights(lora)
+        load_lora_into_pipeline(pipe, lora)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

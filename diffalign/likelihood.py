@@ -5,19 +5,20 @@ For a clean sample :math:`x_0`, a diffusion step :math:`t` and noise :math:`ε`,
 
 .. math::  e_θ(x_0, t, ε, c) = ω(λ_t)\\; \\mathrm{mean}_{\\text{dims}}\\big[(y - f_θ(x_t, t, c))^2\\big]
 
-where the target :math:`y` is ε (``epsilon``), :math:`v = \\sqrt{\\bar α_t} ε - \\sqrt{1-\\bar α_t} x_0` (``v_prediction``)
-or :math:`x_0` (``sample``), and ω is 1 by default (what every official preference repo uses), the conversion to
-an x0-error (``snr``) or min-SNR-γ (:func:`timestep_weights`).
-Up to constants and weighting, :math:`-e` is the per-timestep term of the ELBO of :math:`\\log p_θ(x_0 | c)` (Diffusion-DPO
-paper, Eq. 14). For v-prediction, ``||v - v̂||² = ||ε - ε̂||² / ᾱ_t``-style weighting is implied; see ``docs``.
+where the target :math:`y` is ε (``epsilon``), :math:`v = \\sqrt{\\bar α_t} ε - \\sqrt{1-\\bar α_t} x_0`
+(``v_prediction``) or :math:`x_0` (``sample``), and ω is 1 by default (what every official preference repo
+uses), the conversion to an x0-error (``snr``) or min-SNR-γ (:func:`timestep_weights`).
+Up to constants and weighting, :math:`-e` is the per-timestep term of the ELBO of :math:`\\log p_θ(x_0 | c)`
+(Diffusion-DPO paper, Eq. 14). For v-prediction, ``||v - v̂||² = ||ε - ε̂||² / ᾱ_t``-style weighting is
+implied; see ``docs``.
 
-The denoiser is any callable ``denoiser(x_t, t, cond) -> prediction`` with the shape of ``x_t``: a diffusers U-Net
-wrapped by :class:`diffalign.models.UNetDenoiser`, or an action MLP for robot policies. Shapes: ``x0`` is (N, ...),
-``t`` is (N,) integer, ``cond`` is whatever the denoiser takes for a batch of N.
+The denoiser is any callable ``denoiser(x_t, t, cond) -> prediction`` with the shape of ``x_t``: a diffusers
+U-Net wrapped by :class:`diffalign.models.UNetDenoiser`, or an action MLP for robot policies. Shapes: ``x0``
+is (N, ...), ``t`` is (N,) integer, ``cond`` is whatever the denoiser takes for a batch of N.
 
-Preference pairs use the layout ``[winners; losers]`` along dim 0 (N = 2B). :func:`preference_errors` draws t and noise
-once per pair (shared by winner and loser, as the official code does), runs the policy **once** on the 2B batch and the
-reference **once** under ``torch.no_grad`` on exactly the same inputs.
+Preference pairs use the layout ``[winners; losers]`` along dim 0 (N = 2B). :func:`preference_errors` draws t
+and noise once per pair (shared by winner and loser, as the official code does), runs the policy **once** on
+the 2B batch and the reference **once** under ``torch.no_grad`` on exactly the same inputs.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def sample_timesteps(n: int, num_train_timesteps: int, *, generator=None, device
     return torch.randint(0, num_train_timesteps, (n,), generator=generator, device=device, dtype=torch.long)
 
 
-def pair_timesteps_and_noise(x0_pairs: torch.Tensor, num_train_timesteps: int, *, share: bool = True, generator=None):
+def pair_timesteps_and_noise(x0_pairs: torch.Tensor, num_train_timesteps: int, *, share: bool = True,
+                             generator=None):
     """Draw (t, ε) for a ``[winners; losers]`` batch of shape (2B, ...).
 
     With ``share`` (default) the loser reuses its winner's t and ε: ``t = [t_b; t_b]``, ``ε = [ε_b; ε_b]``.
@@ -69,8 +71,8 @@ def _alphas_cumprod(scheduler, t: torch.Tensor, ndim: int) -> torch.Tensor:
 def noisy_sample_and_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
     """Forward process and regression target for the scheduler's ``prediction_type``.
 
-    ``x_t = sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε``; target ε, ``v = sqrt(ᾱ_t) ε - sqrt(1-ᾱ_t) x0`` or x0. Computed in fp32 and
-    cast back to ``x0.dtype``.
+    ``x_t = sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε``; target ε, ``v = sqrt(ᾱ_t) ε - sqrt(1-ᾱ_t) x0`` or x0. Computed in
+    fp32 and cast back to ``x0.dtype``.
     """
     prediction_type = scheduler.config.prediction_type
     if prediction_type not in PREDICTION_TYPES:
@@ -99,13 +101,15 @@ def snr(scheduler, t: torch.Tensor) -> torch.Tensor:
     return abar / (1 - abar)
 
 
-def timestep_weights(scheduler, t: torch.Tensor, weighting: str = "none", snr_gamma: float = 5.0) -> torch.Tensor:
+def timestep_weights(scheduler, t: torch.Tensor, weighting: str = "none",
+                     snr_gamma: float = 5.0) -> torch.Tensor:
     """ω(λ_t), shape (N,), the factor applied to the per-sample error of the scheduler's ``prediction_type``.
 
     ``none``: 1 (Diffusion-DPO, MaPO and every official preference repo).
-    ``snr``: turns the error into the x0-error ``mean((x0 - x̂0)²)``. With ``x0 - x̂0 = -sqrt(1-ᾱ_t)/sqrt(ᾱ_t) (ε - ε̂)``
-    and ``x0 - x̂0 = -sqrt(1-ᾱ_t) (v - v̂)``, that is ``1/λ_t`` for ε-prediction, ``1/(λ_t + 1) = 1 - ᾱ_t`` for
-    v-prediction and 1 for x0-prediction (λ_t = ᾱ_t/(1-ᾱ_t), :func:`snr`).
+    ``snr``: turns the error into the x0-error ``mean((x0 - x̂0)²)``. With
+    ``x0 - x̂0 = -sqrt(1-ᾱ_t)/sqrt(ᾱ_t) (ε - ε̂)`` and ``x0 - x̂0 = -sqrt(1-ᾱ_t) (v - v̂)``, that is ``1/λ_t``
+    for ε-prediction, ``1/(λ_t + 1) = 1 - ᾱ_t`` for v-prediction and 1 for x0-prediction
+    (λ_t = ᾱ_t/(1-ᾱ_t), :func:`snr`).
     ``min_snr``: Hang et al. 2023, the x0-error weighted by ``min(λ_t, γ)``: ``min(λ_t, γ)/λ_t`` (ε),
     ``min(λ_t, γ)/(λ_t + 1)`` (v), ``min(λ_t, γ)`` (x0), as diffusers' ``train_text_to_image.py`` with
     ``compute_snr``. A step with ᾱ_t = 0 (the last step of a zero-terminal-SNR schedule) gets weight 1.
@@ -121,7 +125,8 @@ def timestep_weights(scheduler, t: torch.Tensor, weighting: str = "none", snr_ga
     else:
         to_x0 = 1 / (s + 1) if prediction_type == "v_prediction" else torch.ones_like(s)
     w = to_x0 if weighting == "snr" else torch.clamp(s, max=snr_gamma) * to_x0
-    return torch.where(s == 0, torch.ones_like(w), w)  # ᾱ_t = 0 (zero terminal SNR): weight 1, as diffusers does
+    # ᾱ_t = 0 (zero terminal SNR): weight 1, as diffusers does
+    return torch.where(s == 0, torch.ones_like(w), w)
 
 
 def denoising_errors(
@@ -135,7 +140,8 @@ def denoising_errors(
     weighting: str = "none",
     snr_gamma: float = 5.0,
 ) -> torch.Tensor:
-    """Per-sample weighted error ``ω(λ_t) · mean((y - f(x_t, t, c))^2)`` with one denoiser call. Shape (N,)."""
+    """Per-sample weighted error ``ω(λ_t) · mean((y - f(x_t, t, c))^2)`` with one denoiser call.
+    Shape (N,)."""
     x_t, target = noisy_sample_and_target(scheduler, x0, noise, t)
     prediction = denoiser(x_t, t, cond)
     return timestep_weights(scheduler, t, weighting, snr_gamma) * per_sample_error(prediction, target)

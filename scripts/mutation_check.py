@@ -1,11 +1,11 @@
 """Mutation check: plant plausible loss-layer mistakes one at a time and require a fast test to catch each.
 
-Every entry of :data:`MUTATIONS` replaces one exact snippet of a library file (it must occur exactly once, so a
-refactor that moves the code makes this script fail loudly instead of testing nothing) and names the fast tests that
-guard it. For each mutation the script copies the package into a scratch workspace, applies the edit there (the
-source tree is never touched), runs ``pytest -x`` on the named tests with ``PYTHONPATH`` pointing at the workspace
-(subprocesses the tests start import the mutant too), and records the first failing test. Before any mutation the
-union of the named tests must pass on the unmodified copy.
+Every entry of :data:`MUTATIONS` replaces one exact snippet of a library file (it must occur exactly once, so
+a refactor that moves the code makes this script fail loudly instead of testing nothing) and names the fast
+tests that guard it. For each mutation the script copies the package into a scratch workspace, applies the
+edit there (the source tree is never touched), runs ``pytest -x`` on the named tests with ``PYTHONPATH``
+pointing at the workspace (subprocesses the tests start import the mutant too), and records the first failing
+test. Before any mutation the union of the named tests must pass on the unmodified copy.
 
     python scripts/mutation_check.py                    # all mutations, 2 workers, table on stdout
     python scripts/mutation_check.py --write-docs       # also rewrite docs/mutations.md
@@ -90,9 +90,12 @@ MUTATIONS: list[Mutation] = [
       "ref_err = w * per_sample_error(reference(x_t, (t + 1).clamp(max=999), cond), target)", [T_LIK],
       "reference evaluated at a different timestep than the policy"),
     # ---------------------------------------------------------------- Diffusion-DPO
-    m("dpo-sign", "diffalign/objectives/dpo.py", "return -0.5 * beta * ((model_w - ref_w) - (model_l - ref_l))",
-      "return 0.5 * beta * ((model_w - ref_w) - (model_l - ref_l))", [T_OBJ], "DPO logit with the wrong sign"),
-    m("dpo-factor-2", "diffalign/objectives/dpo.py", "return -0.5 * beta * ((model_w - ref_w) - (model_l - ref_l))",
+    m("dpo-sign", "diffalign/objectives/dpo.py",
+      "return -0.5 * beta * ((model_w - ref_w) - (model_l - ref_l))",
+      "return 0.5 * beta * ((model_w - ref_w) - (model_l - ref_l))", [T_OBJ],
+      "DPO logit with the wrong sign"),
+    m("dpo-factor-2", "diffalign/objectives/dpo.py",
+      "return -0.5 * beta * ((model_w - ref_w) - (model_l - ref_l))",
       "return -1.0 * beta * ((model_w - ref_w) - (model_l - ref_l))", [T_OBJ],
       "DPO without the official ½ (β off by a factor 2)"),
     m("dpo-swapped-reference", "diffalign/objectives/dpo.py",
@@ -103,11 +106,12 @@ MUTATIONS: list[Mutation] = [
       "return -F.logsigmoid(dpo_logits(model_w, model_l, ref_w, ref_l, beta)).mean()",
       "return -F.logsigmoid(dpo_logits(model_w, model_l, ref_w, ref_l, beta)).sum()", [T_OBJ],
       "DPO loss summed over the batch instead of averaged"),
-    m("dpo-accuracy-ties", "diffalign/objectives/dpo.py", "acc = (logits > 0).float() + 0.5 * (logits == 0).float()",
+    m("dpo-accuracy-ties", "diffalign/objectives/dpo.py",
+      "acc = (logits > 0).float() + 0.5 * (logits == 0).float()",
       "acc = (logits >= 0).float()", [T_OBJ], "implicit accuracy counts a tie (policy = reference) as a win"),
     # ---------------------------------------------------------------- MaPO
-    m("mapo-phi-exp", "diffalign/objectives/mapo.py", "u_safe / torch.expm1(u_safe)", "u_safe / torch.exp(u_safe)",
-      [T_MAPO], "φ(u) = u/e^u instead of u/(e^u − 1)"),
+    m("mapo-phi-exp", "diffalign/objectives/mapo.py", "u_safe / torch.expm1(u_safe)",
+      "u_safe / torch.exp(u_safe)", [T_MAPO], "φ(u) = u/e^u instead of u/(e^u − 1)"),
     m("mapo-margin-sign", "diffalign/objectives/mapo.py", "return model_w.mean() - beta * ratio.mean()",
       "return model_w.mean() + beta * ratio.mean()", [T_MAPO], "margin term added instead of subtracted"),
     m("mapo-sft-on-loser", "diffalign/objectives/mapo.py",
@@ -119,12 +123,13 @@ MUTATIONS: list[Mutation] = [
       "margin = mapo_log_odds(errors.model_w, errors.model_l, config.snr_value)", [T_MAPO],
       "registered MaPO drops the factor T on the log-odds"),
     m("mapo-no-snr-value", "diffalign/objectives/mapo.py",
-      "return phi(snr_value * model_w) - phi(snr_value * model_l)", "return phi(model_w) - phi(model_l)", [T_MAPO],
-      "s (snr_value) missing inside φ"),
+      "return phi(snr_value * model_w) - phi(snr_value * model_l)", "return phi(model_w) - phi(model_l)",
+      [T_MAPO], "s (snr_value) missing inside φ"),
     # ---------------------------------------------------------------- SePPO
     m("seppo-tie-as-win", "diffalign/objectives/seppo.py",
       'return torch.sign(gap) if flipper == "sign" else (gap > 0).to(gap.dtype)',
-      'return torch.where(gap > 0, 1.0, -1.0).to(gap.dtype) if flipper == "sign" else (gap > 0).to(gap.dtype)',
+      'return torch.where(gap > 0, 1.0, -1.0).to(gap.dtype) if flipper == "sign" '
+      'else (gap > 0).to(gap.dtype)',
       [T_SEPPO], "AAF treats a tie as a win for the reference sample (the shipped defect)"),
     m("seppo-aaf-reversed", "diffalign/objectives/seppo.py", "gap = (ref_w - model_w).detach()",
       "gap = (model_w - ref_w).detach()", [T_SEPPO], "AAF anchor comparison reversed"),
@@ -149,9 +154,11 @@ MUTATIONS: list[Mutation] = [
       "return t, implied_noise(scheduler, x0_pairs, x_inv, level).to(x0_pairs.dtype)", [T_INPO],
       "official mode back-solves the noise at the inverted level L(t) instead of t"),
     m("inpo-eta-variance", "diffalign/inversion.py", "x_next = x_next + eta * var.sqrt() * xi.to(x.device)",
-      "x_next = x_next + eta * var * xi.to(x.device)", [T_INPO], "η-noise scaled by the variance, not the std"),
+      "x_next = x_next + eta * var * xi.to(x.device)", [T_INPO],
+      "η-noise scaled by the variance, not the std"),
     m("inpo-x0hat-variance", "diffalign/inversion.py",
-      "x0_hat = (x - (1 - abar_k).sqrt() * eps) / abar_k.sqrt()", "x0_hat = (x - (1 - abar_k).sqrt() * eps) / abar_k",
+      "x0_hat = (x - (1 - abar_k).sqrt() * eps) / abar_k.sqrt()",
+      "x0_hat = (x - (1 - abar_k).sqrt() * eps) / abar_k",
       [T_INPO], "DDIM inversion step divides by ᾱ_k instead of sqrt(ᾱ_k)"),
     m("inpo-denoiser-timestep", "diffalign/inversion.py",
       "eps = denoiser(x.to(x0.dtype), torch.full_like(t, max(k, 0)), cond).float()",
@@ -204,9 +211,11 @@ MUTATIONS: list[Mutation] = [
       "DeformPAM loss maximised instead of minimised"),
     m("deformpam-ties-kept", "diffalign/robot/objectives.py", 'valid = (~tie) | (tie_mode == "sft")',
       'valid = (~tie) | (tie_mode == "drop")', [T_ROBOT], "`tie_mode: drop` keeps ties in the mean"),
-    m("deformpam-sft-no-half", "diffalign/robot/objectives.py", "sft = sft_weight * 0.5 * (model_w + model_l)",
+    m("deformpam-sft-no-half", "diffalign/robot/objectives.py",
+      "sft = sft_weight * 0.5 * (model_w + model_l)",
       "sft = sft_weight * (model_w + model_l)", [T_ROBOT], "tie SFT term summed instead of averaged"),
-    m("ras-reward-sign", "diffalign/robot/modeling_deformpam.py", "return (-beta * total / n_draws).view(b, n)",
+    m("ras-reward-sign", "diffalign/robot/modeling_deformpam.py",
+      "return (-beta * total / n_draws).view(b, n)",
       "return (beta * total / n_draws).view(b, n)", [T_POLICY],
       "RAS implicit reward with the wrong sign (ranks the worst candidate first)"),
     m("rapl-swapped-triplet", "diffalign/robot/objectives.py", "margin = r_better - r_worse",
@@ -242,7 +251,8 @@ def _workspace(root: Path) -> Path:
 def _pytest(ws: Path, tests: list[str], timeout: float) -> tuple[int, str, float]:
     env = {**os.environ, "PYTHONPATH": str(ws), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONDONTWRITEBYTECODE": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", "-p", "no:randomly", *tests]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", "-p", "no:randomly",
+           *tests]
     start = time.perf_counter()
     try:
         done = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=timeout)
@@ -335,7 +345,8 @@ def main(argv=None) -> int:
         rc, out, secs = _pytest(workspaces[0], union, args.timeout)
         if rc != 0:
             print(out[-3000:])
-            print(f"baseline: the named tests fail on the unmodified package ({_first_failure(out)}); fix them first")
+            print(f"baseline: the named tests fail on the unmodified package ({_first_failure(out)}); "
+                  "fix them first")
             return 1
         print(f"baseline: {len(union)} test targets pass unmodified ({secs:.0f} s)", flush=True)
         free = list(workspaces)

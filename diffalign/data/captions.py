@@ -5,13 +5,13 @@ DCPO (Saeidi et al., TMLR 2025) conditions the loser on its own caption z_l. Whe
 * ``column``: precomputed captions in the data. This is what the official code trains on (``--caption_0
   caption_0 --caption_1 caption_1``, DualCPO/pick-double-caption) and the only way to reproduce DCPO-p and
   DCPO-h: their loser captions are **DIPPER paraphrases** (T5-XXL, lexical diversity 40/60/80; the official
-  ``src/perturb_caption.py`` of ``sahsaeedi/DCPO-T2I`` paraphrases the per-image captions and pickles them by row
-  index), produced offline and joined into the dataset as a column.
-* ``word_swap``: z_w = c, z_l = c with a fraction of its content words replaced (:class:`WordSwap`). Not DIPPER
-  and not a paraphrase: each swapped word becomes another word of the **same class** when it belongs to a known
-  class (colours, shapes, sizes; "a red circle" may become "a green circle") and a random word of the caption
-  vocabulary otherwise, so on real prompts it writes word salad. An offline stand-in for worlds with a closed
-  vocabulary (the toy world); deterministic given a ``random.Random``.
+  ``src/perturb_caption.py`` of ``sahsaeedi/DCPO-T2I`` paraphrases the per-image captions and pickles them by
+  row index), produced offline and joined into the dataset as a column.
+* ``word_swap``: z_w = c, z_l = c with a fraction of its content words replaced (:class:`WordSwap`). Not
+  DIPPER and not a paraphrase: each swapped word becomes another word of the **same class** when it belongs to
+  a known class (colours, shapes, sizes; "a red circle" may become "a green circle") and a random word of the
+  caption vocabulary otherwise, so on real prompts it writes word salad. An offline stand-in for worlds with a
+  closed vocabulary (the toy world); deterministic given a ``random.Random``.
 * ``caption`` (DCPO-c): z_w, z_l written by an image-to-text model (:func:`load_captioner`, a transformers
   ``image-to-text`` pipeline by hub id or local folder).
 * ``hybrid``: z_l = word_swap(caption of x_l).
@@ -22,10 +22,11 @@ from __future__ import annotations
 import random
 import re
 
-STOPWORDS = frozenset(["a", "an", "the", "of", "on", "in", "with", "and", "or", "to", "at", "by", "for", "from", "into", "over", "under", "is", "are", "its", "it", "this", "that"])
+STOPWORDS = frozenset(["a", "an", "the", "of", "on", "in", "with", "and", "or", "to", "at", "by", "for",
+                       "from", "into", "over", "under", "is", "are", "its", "it", "this", "that"])
 WORD_CLASSES = {
-    "colour": ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "brown", "gray", "cyan",
-               "magenta"],
+    "colour": ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "brown",
+               "gray", "cyan", "magenta"],
     "shape": ["circle", "square", "triangle", "star", "cross", "ring", "rectangle", "diamond", "hexagon"],
     "size": ["small", "large", "big", "tiny", "huge"],
 }
@@ -33,7 +34,8 @@ WORD_CLASSES = {
 
 def caption_rng(seed: int, epoch: int, index: int) -> random.Random:
     """The generator of one pair's second caption in one epoch. Seeded from a string, which ``random.Random``
-    hashes with SHA-512: the same in every process and Python version (``hash()`` of a str is salted per process).
+    hashes with SHA-512: the same in every process and Python version (``hash()`` of a str is salted per
+    process).
     """
     return random.Random(f"diffalign-caption:{seed}:{epoch}:{index}")
 
@@ -56,7 +58,8 @@ class WordSwap:
 
     def __call__(self, caption: str, rng: random.Random) -> str:
         tokens = re.findall(r"\w+|\W+", caption)
-        content = [i for i, tok in enumerate(tokens) if tok.strip() and tok.isalnum() and tok.lower() not in STOPWORDS]
+        content = [i for i, tok in enumerate(tokens)
+                   if tok.strip() and tok.isalnum() and tok.lower() not in STOPWORDS]
         if not content:
             return caption
         k = max(1, round(self.fraction * len(content)))
@@ -85,7 +88,8 @@ def caption_vocabulary(captions, limit: int = 5000) -> list[str]:
 
 
 def load_captioner(model: str, device: str | None = None, max_new_tokens: int = 40):
-    """``captioner(images: list[PIL]) -> list[str]`` from a transformers image-to-text model (hub id or folder)."""
+    """``captioner(images: list[PIL]) -> list[str]`` from a transformers image-to-text model (hub id or
+    folder)."""
     from transformers import pipeline
 
     pipe = pipeline("image-to-text", model=model, device=device)

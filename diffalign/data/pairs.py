@@ -2,19 +2,19 @@
 
 Sources (``dataset.source``):
 
-* a hub id (``datasets.load_dataset(id, split=...)``; streaming allowed). The canonical ``yuvalkirstain/pickapic_v2``
-  is gone from the hub; mirrors: ``liuhuohuo2/pick-a-pic-v2`` (full), ``kashif/pickascore`` (tiny, split
-  ``validation``), ``sayakpaul/pickapic_v2_webdataset`` (tars);
+* a hub id (``datasets.load_dataset(id, split=...)``; streaming allowed). The canonical
+  ``yuvalkirstain/pickapic_v2`` is gone from the hub; mirrors: ``liuhuohuo2/pick-a-pic-v2`` (full),
+  ``kashif/pickascore`` (tiny, split ``validation``), ``sayakpaul/pickapic_v2_webdataset`` (tars);
 * a local folder written by ``save_to_disk``, or holding ``*.parquet`` / ``*.arrow`` files;
-* webdataset tars (a ``.tar`` path, a glob, or a list): keys ``jpg_0``, ``jpg_1``, ``label_0``, ``label_1`` and
-  ``caption`` or ``original_prompt``;
+* webdataset tars (a ``.tar`` path, a glob, or a list): keys ``jpg_0``, ``jpg_1``, ``label_0``, ``label_1``
+  and ``caption`` or ``original_prompt``;
 * a JSONL / CSV manifest with ``prompt, chosen, rejected`` image paths (relative to the manifest's folder).
 
-Pick-a-Pic rows are ``caption, jpg_0, jpg_1, label_0, label_1``: ``label_0 = 1`` means image 0 won, ``0.5/0.5`` is a
-tie (dropped by default, as the official code does; ``keep_ties`` trains them as the SFT-free 'image 0 wins' the
-diffusers example silently uses — not recommended). Rows with NaN or out-of-range labels are dropped and counted.
-Each item is decoded lazily; an unreadable or missing image makes the item ``None``: the collate function drops it
-and counts it, so a bad file never stops a run and is never trained on.
+Pick-a-Pic rows are ``caption, jpg_0, jpg_1, label_0, label_1``: ``label_0 = 1`` means image 0 won,
+``0.5/0.5`` is a tie (dropped by default, as the official code does; ``keep_ties`` trains them as the SFT-free
+'image 0 wins' the diffusers example silently uses — not recommended). Rows with NaN or out-of-range labels
+are dropped and counted. Each item is decoded lazily; an unreadable or missing image makes the item ``None``:
+the collate function drops it and counts it, so a bad file never stops a run and is never trained on.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def _load_hf(source, split: str, streaming: bool):
         files = []
         for s in source if isinstance(source, (list, tuple)) else [source]:
             files += sorted(glob.glob(str(s))) or [str(s)]
-        return datasets.load_dataset("webdataset", data_files={split: files}, split=split, streaming=streaming)
+        return datasets.load_dataset("webdataset", data_files={split: files}, split=split,
+                                     streaming=streaming)
     path = Path(str(source))
     if path.suffix in MANIFEST_SUFFIXES and path.is_file():
         if not path.read_text(errors="replace").strip():
@@ -76,15 +77,19 @@ def _load_hf(source, split: str, streaming: bool):
         for ext, builder in (("parquet", "parquet"), ("arrow", "arrow")):
             files = sorted(str(p) for p in path.rglob(f"*.{ext}"))
             if files:
-                return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
-        raise DatasetFormatError(f"dataset folder {str(path)!r} holds no save_to_disk dataset, parquet or arrow files")
+                return datasets.load_dataset(builder, data_files={split: files}, split=split,
+                                             streaming=streaming)
+        raise DatasetFormatError(f"dataset folder {str(path)!r} holds no save_to_disk dataset, parquet or "
+                                 "arrow files")
     if path.exists():
-        raise DatasetFormatError(f"unsupported dataset file {str(path)!r}: use .jsonl/.csv, a folder or .tar shards")
+        raise DatasetFormatError(f"unsupported dataset file {str(path)!r}: use .jsonl/.csv, a folder or "
+                                 ".tar shards")
     try:
         return datasets.load_dataset(str(source), split=split, streaming=streaming)
     except Exception as err:  # noqa: BLE001 - one line for the user, whatever the hub client raised
         raise DatasetFormatError(
-            f"could not load dataset {str(source)!r} (split {split!r}): {str(err).splitlines()[0] if str(err) else err!r}"
+            f"could not load dataset {str(source)!r} (split {split!r}): "
+            f"{str(err).splitlines()[0] if str(err) else err!r}"
         ) from None
 
 
@@ -120,8 +125,9 @@ def pickapic_winner(label_0, label_1, keep_ties: bool) -> int | None:
 
 @dataclass
 class DualCaptions:
-    """Per-image captions (z_w, z_l) for DCPO; ``mode`` is ``column``, ``word_swap``, ``caption`` or ``hybrid``
-    (:mod:`diffalign.data.captions`). ``columns``: explicit (z_w, z_l) column names for ``column``/``hybrid``."""
+    """Per-image captions (z_w, z_l) for DCPO; ``mode`` is ``column``, ``word_swap``, ``caption`` or
+    ``hybrid`` (:mod:`diffalign.data.captions`). ``columns``: explicit (z_w, z_l) column names for
+    ``column``/``hybrid``."""
 
     mode: str
     word_swap: object | None = None  # WordSwap
@@ -148,10 +154,11 @@ class DualCaptions:
 class PreferencePairs(torch.utils.data.Dataset):
     """Map-style dataset of preference pairs.
 
-    Item ``i``: a dict with ``pixels_w``, ``pixels_l`` (3, R, R) in [-1, 1], ``caption`` (str), ``original_size``
-    (h, w), ``crop_top_left`` (top, left), ``flip`` (bool), ``index`` (int); or, if an image is unreadable,
-    ``{"unreadable": index, "reason": message}`` (the message names the file when the image is a path).
-    Augmentation randomness comes from ``(seed, epoch, index)`` so it does not depend on worker count or resume.
+    Item ``i``: a dict with ``pixels_w``, ``pixels_l`` (3, R, R) in [-1, 1], ``caption`` (str),
+    ``original_size`` (h, w), ``crop_top_left`` (top, left), ``flip`` (bool), ``index`` (int); or, if an image
+    is unreadable, ``{"unreadable": index, "reason": message}`` (the message names the file when the image is
+    a path). Augmentation randomness comes from ``(seed, epoch, index)`` so it does not depend on worker count
+    or resume.
     """
 
     def __init__(self, source, *, split: str = "train", transform: PairTransform | None = None,
@@ -219,8 +226,9 @@ class PreferencePairs(torch.utils.data.Dataset):
         return "" if value is None else str(value)
 
     def image_captions(self, index: int, columns: tuple[str, str] | None = None) -> tuple[str, str]:
-        """(z_w, z_l) from the named (winner, loser) ``columns``, else from ``caption_chosen``/``caption_rejected`` or
-        per-image ``caption_0``/``caption_1`` columns (swapped with the images, as the official DCPO code does)."""
+        """(z_w, z_l) from the named (winner, loser) ``columns``, else from
+        ``caption_chosen``/``caption_rejected`` or per-image ``caption_0``/``caption_1`` columns (swapped with
+        the images, as the official DCPO code does)."""
         row = self.ds[index]
         if columns is not None:
             missing = [c for c in columns if c not in row]
@@ -234,8 +242,9 @@ class PreferencePairs(torch.utils.data.Dataset):
             w = self.winner[index]
             return str(row[f"caption_{w}"]), str(row[f"caption_{1 - w}"])
         raise DatasetFormatError(
-            "per-image captions need `caption_chosen`/`caption_rejected` (or Pick-a-Pic `caption_0`/`caption_1`) "
-            f"columns, or objective.caption_columns naming them; this dataset has {sorted(self.ds.column_names)}"
+            "per-image captions need `caption_chosen`/`caption_rejected` (or Pick-a-Pic "
+            "`caption_0`/`caption_1`) columns, or objective.caption_columns naming them; this dataset has "
+            f"{sorted(self.ds.column_names)}"
         )
 
     def rng(self, index: int) -> random.Random:
@@ -281,11 +290,11 @@ class PreferencePairs(torch.utils.data.Dataset):
 
 
 def collate_pairs(items: list) -> dict:
-    """Stack the readable items; ``num_skipped`` counts the unreadable ones (``None`` or ``{"unreadable": i, ...}``),
-    ``unreadable`` lists them as ``(index, reason)``.
+    """Stack the readable items; ``num_skipped`` counts the unreadable ones (``None`` or
+    ``{"unreadable": i, ...}``), ``unreadable`` lists them as ``(index, reason)``.
 
-    Items decoded from images give ``pixels_w/l`` (P, 3, R, R) at rows ``pixel_rows`` of the batch; items served
-    from the latent cache give ``latent_mean/std`` (Q, 2, C, h, w) at rows ``latent_rows``.
+    Items decoded from images give ``pixels_w/l`` (P, 3, R, R) at rows ``pixel_rows`` of the batch; items
+    served from the latent cache give ``latent_mean/std`` (Q, 2, C, h, w) at rows ``latent_rows``.
     """
     good = [x for x in items if x is not None and "unreadable" not in x]
     unreadable = [(x["unreadable"], x["reason"]) for x in items if x is not None and "unreadable" in x]
@@ -313,7 +322,8 @@ def collate_pairs(items: list) -> dict:
 
 @dataclass
 class ResumableSampler(torch.utils.data.Sampler):
-    """Indices of one epoch: a permutation drawn from ``(seed, epoch)``, sharded by rank, starting at ``start``.
+    """Indices of one epoch: a permutation drawn from ``(seed, epoch)``, sharded by rank, starting at
+    ``start``.
 
     Resuming at (epoch, start) replays exactly the indices an uninterrupted run would have seen next, without
     decoding the skipped ones.

@@ -1,4 +1,5 @@
-"""Image-preference evaluators behind one interface: PickScore, HPSv2/v2.1, ImageReward, CLIP score, aesthetic.
+"""Image-preference evaluators behind one interface: PickScore, HPSv2/v2.1, ImageReward, CLIP score, aesthetic, and
+the toy world's oracle reward (``toy``: no weights, offline, only meaningful on toy-world images).
 
     >>> from diffalign.evaluators import load
     >>> scorer = load("pickscore", device="cuda", dtype="fp16")     # doctest: +SKIP
@@ -24,7 +25,11 @@ _REGISTRY: dict[str, tuple[str, str, dict]] = {
     "imagereward": ("imagereward", "ImageReward", {}),
     "clip": ("clipscore", "CLIPScore", {}),
     "aesthetic": ("aesthetic", "AestheticScore", {}),
+    "toy": ("toy_oracle", "ToyOracle", {}),
 }
+
+# Names computed without weights (``weights`` must be None).
+WEIGHT_FREE = ("toy",)
 
 # Official weights per name (what weights=None resolves to).
 DEFAULT_WEIGHTS = {
@@ -34,6 +39,7 @@ DEFAULT_WEIGHTS = {
     "imagereward": "THUDM/ImageReward/ImageReward.pt (tokenizer: bert-base-uncased)",
     "clip": "openai/clip-vit-large-patch14",
     "aesthetic": "sac+logos+ava1-l14-linearMSE.pth (GitHub) on openai/clip-vit-large-patch14",
+    "toy": "none (diffalign.toy.oracle_reward, computed from the pixels)",
 }
 
 
@@ -48,13 +54,14 @@ def load(
     """Build scorer ``name`` (one of :func:`available`).
 
     Args:
-        name: "pickscore", "hpsv2", "hpsv2.1", "imagereward", "clip" or "aesthetic".
+        name: "pickscore", "hpsv2", "hpsv2.1", "imagereward", "clip", "aesthetic" or "toy" (the toy world's
+            oracle reward, :mod:`~diffalign.evaluators.toy_oracle`; no weights).
         weights: hub id, local directory or local file; ``None`` = the official weights (:data:`DEFAULT_WEIGHTS`).
         device: where the networks run ("cpu", "cuda", "cuda:1", ...).
         dtype: ``None``/"fp32", "fp16" or "bf16" for the networks; scores are always returned as float32 on CPU.
         batch_size: images per forward pass.
         options: scorer-specific keywords (``processor=`` for pickscore, ``clip=`` for aesthetic,
-            ``antialias=`` for hpsv2, ``attn_implementation=`` for the CLIP-based scorers).
+            ``antialias=`` for hpsv2, ``attn_implementation=`` for the CLIP-based scorers, ``taste_weight=`` for toy).
 
     Returns:
         a :class:`~diffalign.evaluators.base.Scorer`.
@@ -84,4 +91,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["DEFAULT_WEIGHTS", "Scorer", "WeightsNotFoundError", "available", "load", "preference_probability"]
+__all__ = [
+    "DEFAULT_WEIGHTS",
+    "WEIGHT_FREE",
+    "Scorer",
+    "WeightsNotFoundError",
+    "available",
+    "load",
+    "preference_probability",
+]

@@ -1,6 +1,6 @@
 """``diffalign eval``: score an image folder, or generate from one or two models and score them; write a per-image
 CSV, a JSON summary (mean, std, 95% bootstrap CI per metric and model; win rates of A vs B, ties = 1/2), PNG charts
-and an HTML report.
+and a self-contained HTML report (images and charts embedded).
 
     # A/B on generated images: SD1.5 + DPO LoRA (A) vs SD1.5 (B), same prompts and seeds
     diffalign eval --model runwayml/stable-diffusion-v1-5 --lora ./dpo-lora --model-b runwayml/stable-diffusion-v1-5 \\
@@ -9,6 +9,9 @@ and an HTML report.
     diffalign eval --images ./samples --prompts ./samples/prompts.csv --metric imagereward --out runs/eval-folder
     # tiny local scorers (CI): --metric NAME=PATH
     diffalign eval --images ./samples --prompts p.txt --metric clip=/tmp/tiny-clip --out /tmp/eval
+    # the toy world's oracle reward (no weights, offline; only meaningful on toy-world images and their captions,
+    # e.g. a .txt of lines like "a red circle on a blue background")
+    diffalign eval --model assets/toy-sd --prompts captions.txt --steps 20 --guidance 5 --metric toy --out runs/eval-toy
 
 Prompt sources (``--prompts``): a file (.txt one prompt per line; .csv/.jsonl/.json with a ``prompt`` or
 ``caption`` field and optionally ``file``), a bundled list name (``toy``, ``general`` in ``assets/prompts``),
@@ -47,12 +50,46 @@ def assets_dir() -> Path:
 
 def parse_metric(spec: str) -> tuple[str, str | None]:
     """``"name"`` or ``"name=weights"`` -> (name, weights or None)."""
-    from . import available
+    from . import WEIGHT_FREE, available
 
     name, _, weights = spec.partition("=")
     if name not in available():
         raise UsageError(f"unknown metric {name!r}; available: {', '.join(available())}")
+    if weights and name in WEIGHT_FREE:
+        raise UsageError(f"--metric {spec}: metric {name!r} takes no weights; pass --metric {name}")
     return name, (weights or None)
+
+
+def check_folder(flag: str, path: Path) -> None:
+    """One-line :class:`UsageError` unless ``path`` is an existing folder."""
+    if not path.exists():
+        raise UsageError(f"{flag} {path}: no such folder")
+    if not path.is_dir():
+        raise UsageError(f"{flag} {path}: not a folder")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def load_scorer(name: str, weights: str | None, args):
+    """``load(name, weights, ...)``; a failure other than missing official weights becomes one line naming the
+    metric, the weights and the first line of the underlying error."""
+    from . import DEFAULT_WEIGHTS, load
+
+    try:
+        return load(
+            name, weights=weights, device=args.device, dtype=args.scorer_dtype, batch_size=args.batch_size
+        )
+    except WeightsNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- a wrong folder fails anywhere in transformers/open_clip/torch.load
+        where = f"from {weights}" if weights else f"(official weights {DEFAULT_WEIGHTS.get(name, '')})"
+        raise UsageError(
+            f"--metric {name}{'=' + weights if weights else ''}: cannot load the {name} scorer {where}: "
+            f"{type(exc).__name__}: {_first_line(exc)}"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------- prompts
@@ -202,7 +239,9 @@ def generate(
             unet, subfolder="unet", **({} if dtype == torch.float32 else {"torch_dtype": dtype})
         )
     if lora:
-        pipe.load_lora_weights(lora)
+        from ..models.lora import load_lora_into_pipeline
+
+        load_lora_into_pipeline(pipe, lora)  # checks the layers first; no text-encoder warning
     pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -243,10 +282,7 @@ def score_items(
 ) -> tuple[list[dict], dict]:
     """Score every model's items with every metric; return (records, extra summary fields)."""
     import torch
-    from PIL import Image
     from tqdm.auto import tqdm
-
-    from . import load
 
     records = {m: [] for m in items_by_model}
     for model, items in items_by_model.items():
@@ -263,16 +299,14 @@ def score_items(
             )
     extra = {}
     for name, weights in metrics:
-        scorer = load(
-            name, weights=weights, device=args.device, dtype=args.scorer_dtype, batch_size=args.batch_size
-        )
+        scorer = load_scorer(name, weights, args)
         per_model = {}
         for model, items in items_by_model.items():
             values = []
             bar = tqdm(total=len(items), desc=f"{name} [{model}]", unit="img")
             for start in range(0, len(items), args.batch_size):
                 chunk = items[start : start + args.batch_size]
-                images = [Image.open(it["path"]).convert("RGB") for it in chunk]
+                images = [_open_rgb(it["path"]) for it in chunk]
                 values.append(scorer.score(images, [it["prompt"] for it in chunk]))
                 bar.update(len(chunk))
             bar.close()
@@ -294,12 +328,29 @@ def score_items(
     return [r for recs in records.values() for r in recs], extra
 
 
+def _open_rgb(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise UsageError(f"{path}: cannot read image: {_first_line(exc)}") from None
+
+
 # --------------------------------------------------------------------------------------------------------------- CLI
+def _metric_names() -> list[str]:
+    from . import available
+
+    return available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="diffalign eval",
-        description="Score images with reward models (PickScore, HPSv2/v2.1, ImageReward, CLIP score, aesthetic); "
-        "win rates of model A vs B; CSV/JSON/HTML report.",
+        description="Score images with reward models (PickScore, HPSv2/v2.1, ImageReward, CLIP score, aesthetic, "
+        "and the toy world's oracle reward 'toy'); win rates of model A vs B; CSV/JSON and a self-contained HTML "
+        "report.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
@@ -344,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--metric",
         action="append",
         default=None,
-        help=f"NAME or NAME=WEIGHTS (repeatable; default {','.join(DEFAULT_METRICS)})",
+        help=f"NAME or NAME=WEIGHTS (repeatable); NAME in {', '.join(_metric_names())}; default "
+        f"{','.join(DEFAULT_METRICS)}. 'toy' is the toy world's oracle reward: no weights, offline, only meaningful "
+        "on toy-world images and captions",
     )
     sc.add_argument("--batch-size", type=int, default=16)
     sc.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -366,10 +419,21 @@ def run(args) -> dict:
     if args.model_b and not args.model:
         raise UsageError("--model-b needs --model")
     metrics = [parse_metric(m) for m in (args.metric or DEFAULT_METRICS)]
+    if args.images:
+        check_folder("--images", args.images)
+    if args.images_b:
+        check_folder("--images-b", args.images_b)
     needs_prompts = any(name not in PROMPT_FREE for name, _ in metrics)
     rows = load_prompt_rows(args.prompts) if args.prompts else None
     if rows is not None and args.limit:
         rows = rows[: args.limit]
+    if rows is not None and any(name == "toy" for name, _ in metrics):
+        from .toy_oracle import check_prompts
+
+        try:  # before generating or scoring anything
+            check_prompts([r["prompt"] for r in rows])
+        except ValueError as exc:
+            raise UsageError(f"--metric toy: {_first_line(exc)}") from None
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
 
@@ -437,9 +501,11 @@ def _describe(images, model, unet, lora) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from ..models.lora import LoRAMismatchError
+
     try:
         summary = run(args)
-    except (WeightsNotFoundError, UsageError) as exc:
+    except (WeightsNotFoundError, UsageError, LoRAMismatchError, FileNotFoundError) as exc:
         print(f"diffalign eval: error: {exc}", file=sys.stderr)
         return 2
     for metric, per_model in summary["metrics"].items():

@@ -13,13 +13,18 @@ Files written by :func:`write_report` into ``out``:
 * ``summary.json`` -- ``{"meta", "metrics": {metric: {model: Summary}}, "win_rates": {metric: WinRate}}`` (+
   ``pickscore_preference``: mean PickScore preference probability of A over B, when PickScore was run).
 * ``charts/means.png`` (mean and 95% CI per metric and model), ``charts/hist_<metric>.png``,
-  ``charts/win_rates.png`` (two models only), and ``report.html`` linking them with an image grid.
+  ``charts/win_rates.png`` (two models only).
+* ``report.html`` -- tables, the charts and an image grid, self-contained: the charts and the images (downscaled
+  to at most :data:`THUMB_SIZE` px on the long side) are embedded as ``data:image/png;base64,`` URIs, so the file
+  can be moved, mailed or attached on its own.
 """
 
 from __future__ import annotations
 
+import base64
 import csv
 import html
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -30,6 +35,7 @@ import numpy as np
 from .stats import summarize, win_rate_summary
 
 BASE_COLUMNS = ["model", "key", "prompt_idx", "seed", "prompt", "image"]
+THUMB_SIZE = 256  # px, long side of the images embedded in report.html
 
 
 def metric_values(records: Sequence[dict], model: str, metric: str) -> dict[str, float]:
@@ -187,6 +193,28 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+def png_data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def image_data_uri(path: Path, max_size: int = THUMB_SIZE) -> str | None:
+    """``path`` as an embeddable PNG data URI, downscaled (aspect kept) to at most ``max_size`` px on the long side;
+    ``None`` when the file cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            alpha = im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info)
+            im = im.convert("RGBA" if alpha else "RGB")
+            if max(im.size) > max_size:
+                im.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            im.save(buf, format="PNG", optimize=True)
+    except OSError:
+        return None
+    return png_data_uri(buf.getvalue())
+
+
 def write_html(
     path: Path,
     records: Sequence[dict],
@@ -197,7 +225,11 @@ def write_html(
     max_rows: int = 24,
 ) -> None:
     """The report: meta, summary table, win-rate table, charts, and an image grid (one row per prompt/seed key,
-    one column per model) captioned with every metric."""
+    one column per model) captioned with every metric.
+
+    Self-contained: ``charts`` (``{title: path}``) and ``records[i]["image"]`` are paths relative to ``path``'s
+    folder (or absolute); both are read and embedded as PNG data URIs (images downscaled to :data:`THUMB_SIZE`)."""
+    base = Path(path).parent
     e = html.escape
     meta = summary.get("meta", {})
     parts = [
@@ -253,7 +285,12 @@ def write_html(
 
     parts.append("<h2>Charts</h2><div class='charts'>")
     for title, rel in charts.items():
-        parts.append(f"<img class='chart' alt='{e(title)}' src='{e(rel)}'>")
+        try:
+            uri = png_data_uri((base / rel).read_bytes())
+        except OSError:
+            parts.append(f"<p class='muted'>chart {e(title)} unavailable</p>")
+            continue
+        parts.append(f"<img class='chart' alt='{e(title)}' src='{uri}'>")
     parts.append("</div>")
 
     parts.append(
@@ -273,9 +310,13 @@ def write_html(
                 parts.append("<div class='cell'>—</div>")
                 continue
             caption = "<br>".join(f"{e(m)}: {_fmt(float(r[m]))}" for m in metrics if m in r)
-            parts.append(
-                f"<div class='cell'><img src='{e(r['image'])}' alt='{e(model)} {e(key)}'><b>{e(model)}</b><br>{caption}</div>"
+            uri = image_data_uri(base / r["image"])
+            picture = (
+                f"<img src='{uri}' alt='{e(model)} {e(key)}'>"
+                if uri
+                else f"<p class='muted'>image {e(str(r['image']))} unavailable</p>"
             )
+            parts.append(f"<div class='cell'>{picture}<b>{e(model)}</b><br>{caption}</div>")
     parts.append("</div></body></html>")
     path.write_text("\n".join(parts), encoding="utf-8")
 
@@ -292,7 +333,8 @@ def write_report(
 ) -> dict:
     """Write scores.csv, summary.json, charts/*.png and report.html into ``out``; return the summary dict.
 
-    Image paths in ``records`` must be relative to ``out`` (the HTML links them).
+    Image paths in ``records`` are relative to ``out`` (or absolute); ``report.html`` embeds the images and charts,
+    so it stays complete when moved.
     """
     out = Path(out)
     (out / "charts").mkdir(parents=True, exist_ok=True)

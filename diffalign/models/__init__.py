@@ -8,7 +8,15 @@ from .denoiser import (
     adapters_disabled,
 )
 from .loading import DEFAULT_IDS, Components, ModelNotFoundError, load_components, set_attention_backend
-from .lora import LORA_WEIGHT_NAME, LoRAMismatchError, add_lora, check_lora_matches, load_lora_into, save_lora
+from .lora import (
+    LORA_WEIGHT_NAME,
+    LoRAMismatchError,
+    add_lora,
+    check_lora_matches,
+    load_lora_into,
+    load_lora_into_pipeline,
+    save_lora,
+)
 
 __all__ = [
     "DEFAULT_IDS",
@@ -23,6 +31,7 @@ __all__ = [
     "adapters_disabled",
     "add_lora",
     "check_lora_matches",
+    "load_lora_into_pipeline",
     "load_components",
     "load_lora_into",
     "save_lora",

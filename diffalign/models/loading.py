@@ -1,7 +1,8 @@
 """Load the components of an SD1.x / SD2.x / SDXL model by hub id or local directory.
 
-Everything goes through ``from_pretrained`` (``revision``, ``variant`` honoured), so a local ``save_pretrained``
-folder and a hub id behave the same. Offline with no local copy, loading fails with one line naming the id.
+Everything goes through ``from_pretrained`` (``revision``, ``variant`` honoured), so a local
+``save_pretrained`` folder and a hub id behave the same. Offline with no local copy, loading fails with one
+line naming the id.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ def _load(cls, source: str, subfolder: str | None, **kwargs):
             missing = not Path(source).exists()
             raise ModelNotFoundError(
                 f"model folder {source!r} not found" if missing else
-                f"could not load {cls.__name__} from {where!r}: {str(err).splitlines()[0]} (is it a diffusers "
-                "pipeline folder, with model_index.json?)") from None
+                f"could not load {cls.__name__} from {where!r}: {str(err).splitlines()[0]} "
+                "(is it a diffusers pipeline folder, with model_index.json?)") from None
         raise ModelNotFoundError(
             f"could not load {cls.__name__} from {where!r}: {str(err).splitlines()[0]} "
             f"(offline? download it once with `hf download {source}` or point `model.pretrained` "
@@ -97,7 +98,8 @@ def load_components(
     """Load U-Net, VAE, text encoder(s), tokenizer(s) and a DDPM noise scheduler.
 
     ``source``: hub id or local directory; ``None`` takes the default id of ``family``. ``vae``: an override
-    (e.g. ``madebyollin/sdxl-vae-fp16-fix`` for SDXL in fp16). ``prediction_type``: force ε / v (else the scheduler's).
+    (e.g. ``madebyollin/sdxl-vae-fp16-fix`` for SDXL in fp16). ``prediction_type``: force ε / v (else the
+    scheduler's).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -128,8 +130,8 @@ def load_components(
 
 def set_attention_backend(unet: torch.nn.Module, backend: str = "sdpa") -> None:
     """``sdpa``: PyTorch scaled_dot_product_attention (default, memory-efficient kernels when available);
-    ``xformers``: xformers memory-efficient attention (``pip install diffalign[xformers]``); ``math``: the plain
-    softmax(QK^T)V reference path."""
+    ``xformers``: xformers memory-efficient attention (``pip install diffalign[xformers]``); ``math``: the
+    plain softmax(QK^T)V reference path."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     if backend not in ATTENTION_BACKENDS:
@@ -139,8 +141,8 @@ def set_attention_backend(unet: torch.nn.Module, backend: str = "sdpa") -> None:
             import xformers  # noqa: F401
         except ImportError:
             raise ImportError(
-                "model.attention is 'xformers' but xformers is not installed: `pip install diffalign[xformers]` "
-                "or use model.attention=sdpa"
+                "model.attention is 'xformers' but xformers is not installed: "
+                "`pip install diffalign[xformers]` or use model.attention=sdpa"
             ) from None
         unet.enable_xformers_memory_efficient_attention()
     else:

@@ -1,16 +1,16 @@
-"""PPD: user-conditioned Diffusion-DPO (Dang, Singh, Zhou, Ermon, Song, "Personalized Preference Fine-tuning of
-Diffusion Models", CVPR 2025, https://arxiv.org/abs/2501.06655). No official code; reconstructed from the paper's
-description (see ``docs/ppd.md`` for every choice left open).
+"""PPD: user-conditioned Diffusion-DPO (Dang, Singh, Zhou, Ermon, Song, "Personalized Preference Fine-tuning
+of Diffusion Models", CVPR 2025, https://arxiv.org/abs/2501.06655). No official code; reconstructed from the
+paper's description (see ``docs/ppd.md`` for every choice left open).
 
 .. math::
 
     L_{PPD}(θ) = -\\mathbb{E}_{(c, x^w, x^l, u)}\\, \\log σ\\Big(-\\tfrac{β}{2}\\big[(e_θ^w(u) - e_{ref}^w)
                  - (e_θ^l(u) - e_{ref}^l)\\big]\\Big)
 
-with :math:`e_θ^w(u) = \\mathrm{mean}\\lVert ε - ε_θ(x_t^w, c, u, t)\\rVert^2` the policy's error *given the user
-embedding u of the user who labelled the pair*, and :math:`e_{ref}` the error of the base model without any user
-branch. It is Diffusion-DPO (:mod:`diffalign.objectives.dpo`, same ½ and mean-over-latent convention) where the
-policy is conditioned on u; "multi-reward" in the paper's words: every user is a different reward.
+with :math:`e_θ^w(u) = \\mathrm{mean}\\lVert ε - ε_θ(x_t^w, c, u, t)\\rVert^2` the policy's error *given the
+user embedding u of the user who labelled the pair*, and :math:`e_{ref}` the error of the base model without
+any user branch. It is Diffusion-DPO (:mod:`diffalign.objectives.dpo`, same ½ and mean-over-latent convention)
+where the policy is conditioned on u; "multi-reward" in the paper's words: every user is a different reward.
 
 =============  ===========================================================================
 argument       paper symbol
@@ -39,7 +39,8 @@ from .user_encoder import UserEncoderConfig
 
 
 def ppd_loss(model_w, model_l, ref_w, ref_l, beta: float = 5000.0) -> torch.Tensor:
-    """PPD loss, mean over the batch, as a 0-d tensor. All inputs (B,); ``model_*`` computed with each pair's user.
+    """PPD loss, mean over the batch, as a 0-d tensor. All inputs (B,); ``model_*`` computed with each pair's
+    user.
 
     ``loss = mean(-logsigmoid(-0.5 * beta * ((model_w - ref_w) - (model_l - ref_l))))``
     """
@@ -59,29 +60,32 @@ def ppd_losses(model_w, model_l, ref_w, ref_l, *, beta: float = 5000.0) -> torch
 class PPDConfig:
     # Loss.
     beta: float = field(default=5000.0, metadata={
-        "help": "β of the user-conditioned Diffusion-DPO loss, official DPO convention (½ inside). PPD's value is "
-                "not published; 5000 is the Diffusion-DPO launchers' value."})
+        "help": "β of the user-conditioned Diffusion-DPO loss, official DPO convention (½ inside). PPD's "
+                "value is not published; 5000 is the Diffusion-DPO launchers' value."})
     # Users and their few-shot examples.
     user_column: str = field(default="user_id", metadata={
         "help": "Dataset column naming the user who labelled each pair (Pick-a-Pic v2: user_id)."})
     num_examples: int = field(default=4, metadata={
-        "help": "N: preference examples per user fed to the user encoder (paper: 4). Users with fewer pairs use "
-                "all they have."})
+        "help": "N: preference examples per user fed to the user encoder (paper: 4). Users with fewer pairs "
+                "use all they have."})
     example_sets: int = field(default=1, metadata={
-        "help": "K: few-shot sets drawn per training user (each encoded once, one picked at random per pair). "
-                "1 = one fixed embedding per user (the paper's setting, as far as described); > 1 augments."})
+        "help": "K: few-shot sets drawn per training user (each encoded once, one picked at random per "
+                "pair). 1 = one fixed embedding per user (the paper's setting, as far as described); "
+                "> 1 augments."})
     user_dropout: float | None = field(default=None, metadata={
         "help": "P(user embedding zeroed) per pair during training (paper: 'randomly dropped', rate not "
-                "published). null: 0.1 when a LoRA trains (it then learns the population's taste, which 'no user' "
-                "serves), 0 when only the branch trains: a dropped pair then has policy = reference, loss ln 2 and "
-                "zero gradient, so dropout there would only dilute the batch (and is refused)."})
+                "published). null: 0.1 when a LoRA trains (it then learns the population's taste, which "
+                "'no user' serves), 0 when only the branch trains: a dropped pair then has policy = "
+                "reference, loss ln 2 and zero gradient, so dropout there would only dilute the batch (and "
+                "is refused)."})
     # User branch (decoupled cross-attention).
     num_tokens: int = field(default=4, metadata={"help": "N_u: user tokens (IP-Adapter uses 4)."})
     token_dim: int | None = field(default=None, metadata={
         "help": "D_u: user token width; default = the U-Net's cross_attention_dim."})
     scale: float = field(default=1.0, metadata={"help": "s: weight of the user branch (paper's formula: 1)."})
     init: str = field(default="zero_v", metadata={
-        "help": "zero_v: W'_v = 0 | zero_gate: a tanh gate at 0. Either way the branch is a no-op at step 0."})
+        "help": "zero_v: W'_v = 0 | zero_gate: a tanh gate at 0. Either way the branch is a no-op "
+                "at step 0."})
     # Encoder.
     encoder: UserEncoderConfig = field(default_factory=UserEncoderConfig, metadata={
         "help": "The frozen user encoder: type clip (default) | vlm (paper) | pixels (toy)."})

@@ -1,21 +1,23 @@
-"""The PPD recipe: Diffusion-DPO where the policy sees the labelling user's embedding and the reference does not.
+"""The PPD recipe: Diffusion-DPO where the policy sees the labelling user's embedding and the reference does
+not.
 
 Setup, on top of :class:`~diffalign.training.trainer.PreferenceTrainer`:
 
 1. **User branch.** Decoupled cross-attention processors on every text cross-attention plus the feature->token
-   projection (:func:`diffalign.personalization.io.attach_user_branch`). With ``model.lora: null`` the base U-Net is
-   frozen and only the branch trains (the paper's setting; *not* full fine-tuning); with ``model.lora`` set the LoRA
-   trains too.
+   projection (:func:`diffalign.personalization.io.attach_user_branch`). With ``model.lora: null`` the base
+   U-Net is frozen and only the branch trains (the paper's setting; *not* full fine-tuning); with
+   ``model.lora`` set the LoRA trains too.
 2. **Users.** The dataset's ``user_column`` (Pick-a-Pic v2: ``user_id``) groups pairs by user. For each user,
-   ``example_sets`` few-shot sets of ``num_examples`` of their pairs are drawn (seeded) and encoded once by the
-   frozen user encoder; the features are cached in ``output_dir/user_embeddings.safetensors`` and reused on resume.
-   The encoder is freed afterwards.
-3. **Reference.** The base model without the user branch: the same U-Net called without user tokens (and with LoRA
-   adapters disabled when a LoRA trains), so no copy of the U-Net is kept.
+   ``example_sets`` few-shot sets of ``num_examples`` of their pairs are drawn (seeded) and encoded once by
+   the frozen user encoder; the features are cached in ``output_dir/user_embeddings.safetensors`` and reused
+   on resume. The encoder is freed afterwards.
+3. **Reference.** The base model without the user branch: the same U-Net called without user tokens (and with
+   LoRA adapters disabled when a LoRA trains), so no copy of the U-Net is kept.
 
-Each step: batches mix users (pairs are shuffled as usual); each pair's tokens ``u = P(f_user)`` are zeroed with
-probability ``user_dropout`` (0.1 with a LoRA, 0 for branch-only training); the policy runs on ``[winners; losers]`` with ``cross_attention_kwargs={"user_tokens":
-[u; u]}``, the reference without; the objective is Diffusion-DPO on those errors (:mod:`.objective`).
+Each step: batches mix users (pairs are shuffled as usual); each pair's tokens ``u = P(f_user)`` are zeroed
+with probability ``user_dropout`` (0.1 with a LoRA, 0 for branch-only training); the policy runs on
+``[winners; losers]`` with ``cross_attention_kwargs={"user_tokens": [u; u]}``, the reference without; the
+objective is Diffusion-DPO on those errors (:mod:`.objective`).
 
 >>> cfg = load_config("configs/sd15_ppd.yaml")            # doctest: +SKIP
 >>> trainer = PersonalizedTrainer(cfg).setup(); trainer.train(); trainer.cleanup()   # doctest: +SKIP
@@ -49,7 +51,8 @@ from .user_encoder import PreferenceExample, build_user_encoder, encoder_feature
 def without_user(cond: UNetCondition) -> UNetCondition:
     """``cond`` with the user kwargs removed from ``cross_attention_kwargs``."""
     extra = dict(cond.extra)
-    kwargs = {k: v for k, v in (extra.pop("cross_attention_kwargs", None) or {}).items() if k not in USER_KWARGS}
+    kwargs = {k: v for k, v in (extra.pop("cross_attention_kwargs", None) or {}).items()
+              if k not in USER_KWARGS}
     if kwargs:
         extra["cross_attention_kwargs"] = kwargs
     return UNetCondition(cond.encoder_hidden_states, cond.added_cond_kwargs, extra)
@@ -72,36 +75,39 @@ class PersonalizedTrainer(PreferenceTrainer):
     def setup(self, resume: bool = False, overwrite: bool = False) -> PersonalizedTrainer:
         self.user_dropout = self._user_dropout()
         super().setup(resume=resume, overwrite=overwrite)
-        # Base setup made a frozen copy (model.lora null) or an adapters-off view: replace/wrap it so the reference
-        # never sees user tokens.
-        inner = self.reference if isinstance(self.reference, AdapterDisabledReference) else UNetDenoiser(self.unet)
+        # Base setup made a frozen copy (model.lora null) or an adapters-off view: replace/wrap it so the
+        # reference never sees user tokens.
+        inner = (self.reference if isinstance(self.reference, AdapterDisabledReference)
+                 else UNetDenoiser(self.unet))
         self.reference = UserFreeReference(inner)
         self.unet_inner = self.accelerator.unwrap_model(self.unet)
         self._dropped = 0.0
         self._build_users()
         n_branch = sum(p.numel() for p in branch_parameters(self.unet_inner))
         self.accelerator.print(
-            f"diffalign: PPD user branch: {n_branch:,} params ({'with LoRA' if self.config.model.lora else 'base frozen'}),"
+            f"diffalign: PPD user branch: {n_branch:,} params "
+            f"({'with LoRA' if self.config.model.lora else 'base frozen'}),"
             f" {len(self.support)} users, {len(self.user_features)} with features "
             f"{tuple(self.branch_spec.feature_shape)} -> {self.branch_spec.num_tokens} tokens x "
             f"{self.branch_spec.token_dim}")
         return self
 
     def _user_dropout(self) -> float:
-        """``objective.user_dropout``, resolved: null is 0.1 with a LoRA and 0 for branch-only training, where a
-        dropped pair (policy = reference: loss ln 2, no gradient) would only dilute the batch mean."""
+        """``objective.user_dropout``, resolved: null is 0.1 with a LoRA and 0 for branch-only training, where
+        a dropped pair (policy = reference: loss ln 2, no gradient) would only dilute the batch mean."""
         p = self.config.objective.params.user_dropout
         if self.config.model.lora is None:
             if p:
                 raise ConfigError(
-                    f"objective.user_dropout: {p} with model.lora null: only the user branch trains, so a dropped "
-                    "pair has policy = reference (loss ln 2, zero gradient); set it to 0 (or null) or add a LoRA")
+                    f"objective.user_dropout: {p} with model.lora null: only the user branch trains, so a "
+                    "dropped pair has policy = reference (loss ln 2, zero gradient); set it to 0 (or null) "
+                    "or add a LoRA")
             return 0.0
         return 0.1 if p is None else p
 
     def _make_optimizer(self, params):
-        # Called by the base setup after LoRA (if any) is added and before accelerate.prepare: the one place where
-        # the branch can join the optimizer and the prepared module.
+        # Called by the base setup after LoRA (if any) is added and before accelerate.prepare: the one place
+        # where the branch can join the optimizer and the prepared module.
         p, unet = self.config.objective.params, self.components.unet
         if self.config.model.lora is None:
             unet.requires_grad_(False)  # PPD trains the branch only; the base stays frozen
@@ -110,8 +116,8 @@ class PersonalizedTrainer(PreferenceTrainer):
             params = []
         cross_dim = unet.config.cross_attention_dim
         cross_dim = cross_dim[0] if isinstance(cross_dim, (list, tuple)) else cross_dim
-        self.branch_spec = UserBranchSpec(encoder_feature_shape(p.encoder), p.num_tokens, p.token_dim or cross_dim,
-                                          p.scale, p.init, p.encoder)
+        self.branch_spec = UserBranchSpec(encoder_feature_shape(p.encoder), p.num_tokens,
+                                          p.token_dim or cross_dim, p.scale, p.init, p.encoder)
         attach_user_branch(unet, self.branch_spec)
         return super()._make_optimizer(list(params) + branch_parameters(unet))
 
@@ -119,9 +125,9 @@ class PersonalizedTrainer(PreferenceTrainer):
     def _cache_meta(self) -> dict:
         p, d = self.config.objective.params, self.config.dataset
         return {"encoder": dataclasses.asdict(p.encoder), "num_examples": p.num_examples,
-                "example_sets": p.example_sets, "seed": self.config.seed, "dataset": str(d.source), "split": d.split,
-                "max_samples": d.max_samples, "keep_ties": d.keep_ties, "user_column": p.user_column,
-                "num_pairs": len(self.dataset)}
+                "example_sets": p.example_sets, "seed": self.config.seed, "dataset": str(d.source),
+                "split": d.split, "max_samples": d.max_samples, "keep_ties": d.keep_ties,
+                "user_column": p.user_column, "num_pairs": len(self.dataset)}
 
     def _build_users(self):
         p, acc, ds = self.config.objective.params, self.accelerator, self.dataset
@@ -151,14 +157,17 @@ class PersonalizedTrainer(PreferenceTrainer):
             acc.wait_for_everyone()
             cached, _ = load_user_embeddings(path)
         self.user_features = cached
-        if cached:  # per-dimension feature scale of the projection, from every training user's sets (deterministic)
-            self.unet_inner.user_projection.fit_feature_scale(torch.cat([f for _, f in sorted(cached.items())]))
+        # per-dimension feature scale of the projection, from every training user's sets (deterministic)
+        if cached:
+            self.unet_inner.user_projection.fit_feature_scale(
+                torch.cat([f for _, f in sorted(cached.items())]))
 
     def _example(self, index: int) -> PreferenceExample | None:
         try:
             raw_w, raw_l = self.dataset.raw_images(index)
             base = self.dataset.base_dir
-            return PreferenceExample(self.dataset.caption(index), decode_image(raw_w, base), decode_image(raw_l, base))
+            return PreferenceExample(self.dataset.caption(index), decode_image(raw_w, base),
+                                     decode_image(raw_l, base))
         except UnreadableImage:
             return None
 
@@ -189,8 +198,8 @@ class PersonalizedTrainer(PreferenceTrainer):
         return {u: torch.stack(f) for u, f in out.items()}  # (K', N_f, D_f)
 
     def batch_user_tokens(self, batch: dict) -> torch.Tensor:
-        """Tokens (B, N_u, D_u) of each pair's user: one of the user's K cached feature sets, projected, and zeroed
-        with probability ``user_dropout`` (or when the user has no readable examples)."""
+        """Tokens (B, N_u, D_u) of each pair's user: one of the user's K cached feature sets, projected, and
+        zeroed with probability ``user_dropout`` (or when the user has no readable examples)."""
         spec = self.branch_spec
         indices = batch["indices"].tolist()
         b = len(indices)

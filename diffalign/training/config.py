@@ -9,8 +9,8 @@ A minimal config::
     max_steps: 2000
 
 Unknown keys and bad values raise :class:`ConfigError` with one line naming the key, e.g.
-``config error: optimizer.learning_rate: must be > 0, got 0``. ``key.sub=value`` overrides from the command line
-are parsed as YAML scalars.
+``config error: optimizer.learning_rate: must be > 0, got 0``. ``key.sub=value`` overrides from the command
+line are parsed as YAML scalars.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class LoRAConfig:
     alpha: float | None = field(default=None, metadata={"help": "LoRA α (scale α/r); default α = r."})
     target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
     dropout: float = 0.0
-    init: str = field(default="gaussian", metadata={"help": "peft init: 'gaussian' (B = 0, policy == reference)."})
+    init: str = field(default="gaussian", metadata={
+        "help": "peft init: 'gaussian' (B = 0, policy == reference)."})
 
     def validate(self, key="model.lora"):
         _check(self.rank >= 1, f"{key}.rank", f"must be >= 1, got {self.rank}")
@@ -54,15 +55,18 @@ class LoRAConfig:
 @dataclass
 class ModelConfig:
     pretrained: str | None = field(default=None, metadata={"help": "Hub id or local diffusers folder."})
-    family: str = field(default="auto", metadata={"help": "sd15 | sd21 | sdxl | auto (from model_index.json)."})
+    family: str = field(default="auto", metadata={
+        "help": "sd15 | sd21 | sdxl | auto (from model_index.json)."})
     revision: str | None = None
     variant: str | None = field(default=None, metadata={"help": "e.g. 'fp16' weight files."})
-    vae: str | None = field(default=None, metadata={"help": "VAE override, e.g. madebyollin/sdxl-vae-fp16-fix."})
+    vae: str | None = field(default=None, metadata={
+        "help": "VAE override, e.g. madebyollin/sdxl-vae-fp16-fix."})
     prediction_type: str | None = field(default=None, metadata={"help": "Force 'epsilon' or 'v_prediction'."})
     attention: str = field(default="sdpa", metadata={"help": "sdpa | xformers | math."})
     gradient_checkpointing: bool = False
     lora: LoRAConfig | None = field(
-        default_factory=LoRAConfig, metadata={"help": "LoRA settings; null = full fine-tuning (frozen ref copy)."}
+        default_factory=LoRAConfig,
+        metadata={"help": "LoRA settings; null = full fine-tuning (frozen ref copy)."},
     )
 
     def validate(self):
@@ -80,27 +84,29 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Any = field(default=None, metadata={"help": "Hub id, local folder, manifest .jsonl/.csv, or .tar shards."})
+    source: Any = field(default=None, metadata={
+        "help": "Hub id, local folder, manifest .jsonl/.csv, or .tar shards."})
     split: str = "train"
     resolution: int | None = field(default=None, metadata={
-        "help": "Training size in pixels; null = the model's native size (U-Net sample_size x VAE scale: SD1.5 512, "
-                "SDXL 1024)."})
+        "help": "Training size in pixels; null = the model's native size (U-Net sample_size x VAE scale: "
+                "SD1.5 512, SDXL 1024)."})
     center_crop: bool = True
     random_flip: bool = True
     keep_ties: bool = field(default=False, metadata={"help": "Ties (0.5/0.5) are dropped unless true."})
     max_samples: int | None = None
     caption_column: str = "caption"
     proportion_empty_prompts: float = field(default=0.0, metadata={"help": "Official DPO used 0.2."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Cache VAE latents + text embeddings here."})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "Cache VAE latents + text embeddings here."})
     num_workers: int = 0
     min_readable_fraction: float = field(default=0.5, metadata={
-        "help": "Stop when fewer than this share of the pairs read so far could be decoded (checked from 64 pairs "
-                "on); a run where no pair can be read always stops."})
+        "help": "Stop when fewer than this share of the pairs read so far could be decoded (checked from "
+                "64 pairs on); a run where no pair can be read always stops."})
 
     def validate(self):
         _check(self.source is not None, "dataset.source", "is required")
-        _check(self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0), "dataset.resolution",
-               f"must be a positive multiple of 8, got {self.resolution}")
+        _check(self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
+               "dataset.resolution", f"must be a positive multiple of 8, got {self.resolution}")
         _check(0 <= self.min_readable_fraction <= 1, "dataset.min_readable_fraction",
                f"must be in [0, 1], got {self.min_readable_fraction}")
         _check(0 <= self.proportion_empty_prompts <= 1, "dataset.proportion_empty_prompts",
@@ -137,7 +143,8 @@ class OptimizerConfig:
 
 @dataclass
 class ValidationConfig:
-    every: int | None = field(default=None, metadata={"help": "Write a PNG grid every N steps (null: never)."})
+    every: int | None = field(default=None, metadata={
+        "help": "Write a PNG grid every N steps (null: never)."})
     prompts: list[str] = field(default_factory=list)
     num_inference_steps: int = 25
     guidance_scale: float = 7.5
@@ -168,14 +175,17 @@ class TrainConfig:
     seed: int = 0
     share_noise: bool = field(default=True, metadata={"help": "Winner and loser share t and ε (official)."})
     weighting: str = field(default="none", metadata={
-        "help": "ω(λ_t) on each per-sample error: none (official) | snr (the x0-error: ε-error/λ_t) | min_snr (γ = snr_gamma)."})
+        "help": "ω(λ_t) on each per-sample error: none (official) | snr (the x0-error: ε-error/λ_t) | "
+                "min_snr (γ = snr_gamma)."})
     snr_gamma: float = 5.0
     checkpoint_every: int | None = 500
     keep_last_checkpoints: int | None = None
     log_every: int = 10
     ema_decay: float | None = field(default=None, metadata={
-        "help": "Keep an exponential moving average of the trained weights (e.g. 0.999) and export it; null = off."})
-    max_nonfinite_steps: int = field(default=5, metadata={"help": "Stop after this many NaN/inf steps in a row."})
+        "help": "Keep an exponential moving average of the trained weights (e.g. 0.999) and export it; "
+                "null = off."})
+    max_nonfinite_steps: int = field(default=5, metadata={
+        "help": "Stop after this many NaN/inf steps in a row."})
     report_to: str | None = field(default="tensorboard", metadata={"help": "tensorboard or null."})
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -200,7 +210,8 @@ class TrainConfig:
         _check(self.log_every > 0, "log_every", f"must be > 0, got {self.log_every}")
         _check(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay",
                f"must be in (0, 1) or null, got {self.ema_decay}")
-        _check(self.max_nonfinite_steps > 0, "max_nonfinite_steps", f"must be > 0, got {self.max_nonfinite_steps}")
+        _check(self.max_nonfinite_steps > 0, "max_nonfinite_steps",
+               f"must be > 0, got {self.max_nonfinite_steps}")
         _check(self.report_to in (None, "tensorboard"), "report_to",
                f"must be tensorboard or null, got {self.report_to!r}")
 
@@ -233,8 +244,8 @@ def _coerce(value, tp, key: str):
                 return _coerce(value, a, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {' or '.join(map(_type_name, args))}, "
-                          f"got {value!r}")
+        raise ConfigError(errors[0] if len(errors) == 1
+                          else f"{key}: expected {' or '.join(map(_type_name, args))}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
     if tp is Any:
@@ -329,7 +340,8 @@ def parse_config(data: dict) -> TrainConfig:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b=value`` overrides (values parsed as YAML) to a nested dict; shorthand strings are expanded."""
+    """Apply ``a.b=value`` overrides (values parsed as YAML) to a nested dict; shorthand strings are
+    expanded."""
     data = dict(data)
     for item in overrides:
         if "=" not in item:
@@ -341,11 +353,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
             if isinstance(child, str):
-                child = {{"model": "pretrained", "dataset": "source", "objective": "name"}.get(part, part): child}
+                child = {{"model": "pretrained", "dataset": "source",
+                          "objective": "name"}.get(part, part): child}
             elif child is None:
                 child = {}
             elif not isinstance(child, dict):
-                raise ConfigError(f"{'.'.join(parts[: i + 1])}: cannot set a sub-key of a {type(child).__name__}")
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: cannot set a sub-key of a "
+                                  f"{type(child).__name__}")
             node[part] = child = dict(child)
             node = child
         node[parts[-1]] = value

@@ -1,9 +1,10 @@
 """The preference-training recipe: one class with ``setup()``, ``train()`` and ``cleanup()``.
 
 Each optimizer step: decode a batch of B pairs (or take their VAE latents from the cache), encode the prompts,
-draw (t, ε) shared by winner and loser, run the policy U-Net **once** on the ``[winners; losers]`` batch (2B) with
-gradients and the reference **once** without, hand the per-sample errors to the configured objective, step.
-Runs on ``accelerate``: ``accelerate launch -m diffalign.cli train cfg.yaml`` shards the data over processes.
+draw (t, ε) shared by winner and loser, run the policy U-Net **once** on the ``[winners; losers]`` batch (2B)
+with gradients and the reference **once** without, hand the per-sample errors to the configured objective,
+step. Runs on ``accelerate``: ``accelerate launch -m diffalign.cli train cfg.yaml`` shards the data over
+processes.
 
 The recipe holds no objective math; it only asks the objective whether it needs a reference.
 """
@@ -59,10 +60,10 @@ def _check_world_size(num_processes: int) -> None:
     asked = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if asked > num_processes:
         raise LaunchError(
-            f"the launcher started {asked} processes (WORLD_SIZE={asked}) but accelerate set up {num_processes}: each "
-            "would train its own copy on the same output_dir. On CPU launch with `ACCELERATE_USE_CPU=1 torchrun "
-            f"--nproc_per_node {asked} -m diffalign.cli train ...`; on GPUs with `accelerate launch -m diffalign.cli "
-            "train ...`")
+            f"the launcher started {asked} processes (WORLD_SIZE={asked}) but accelerate set up "
+            f"{num_processes}: each would train its own copy on the same output_dir. On CPU launch with "
+            f"`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {asked} -m diffalign.cli train ...`; "
+            "on GPUs with `accelerate launch -m diffalign.cli train ...`")
 
 
 def native_resolution(components) -> int:
@@ -116,18 +117,20 @@ class PreferenceTrainer:
             )
         finished = self.output_dir / "summary.json"
         if finished.exists() and not existing and not overwrite:
-            raise RunExistsError(f"{self.output_dir} holds a finished run ({finished.name}) and no checkpoint to "
-                                 "resume from; pass --overwrite to replace it or choose another output_dir")
+            raise RunExistsError(f"{self.output_dir} holds a finished run ({finished.name}) and no "
+                                 "checkpoint to resume from; pass --overwrite to replace it or choose "
+                                 "another output_dir")
         latest = ckpt.latest_checkpoint(self.checkpoint_dir) if resume else None
         if latest is not None and ckpt.checkpoint_step(latest) > cfg.max_steps:
-            raise RunExistsError(f"--resume: {latest.name} is past max_steps={cfg.max_steps}; resuming would move the "
-                                 "run backwards (raise max_steps, or --overwrite to start over)")
+            raise RunExistsError(f"--resume: {latest.name} is past max_steps={cfg.max_steps}; resuming would "
+                                 "move the run backwards (raise max_steps, or --overwrite to start over)")
         if overwrite and not resume and self.output_dir.exists():
             shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
             (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
             (self.output_dir / "summary.json").unlink(missing_ok=True)
-        # A process may run several trainers (tests, notebooks, the objectives comparison): accelerate keeps one
-        # global AcceleratorState, so drop it (keeping the distributed PartialState) before configuring a new one.
+        # A process may run several trainers (tests, notebooks, the objectives comparison): accelerate keeps
+        # one global AcceleratorState, so drop it (keeping the distributed PartialState) before configuring a
+        # new one.
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state()
@@ -140,7 +143,8 @@ class PreferenceTrainer:
         )
         _check_world_size(acc.num_processes)
         set_seed(cfg.seed)
-        self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+        self.weight_dtype = {"no": torch.float32, "fp16": torch.float16,
+                             "bf16": torch.bfloat16}[cfg.mixed_precision]
 
         m = cfg.model
         if self.components is None:
@@ -151,7 +155,8 @@ class PreferenceTrainer:
         c = self.components
         if m.prediction_type is not None:
             c.noise_scheduler.register_to_config(prediction_type=m.prediction_type)
-        # The VAE stays fp32 (fp16 SD/SDXL VAEs overflow to NaN); text encoders run in the mixed-precision dtype.
+        # The VAE stays fp32 (fp16 SD/SDXL VAEs overflow to NaN); text encoders run in the mixed-precision
+        # dtype.
         for frozen in (c.vae, *c.text_encoders()):
             frozen.requires_grad_(False).eval().to(acc.device)
             if frozen is not c.vae and self.weight_dtype != torch.float32:
@@ -206,9 +211,10 @@ class PreferenceTrainer:
             self.dataset.dual_captions = self._dual_captions(cfg.objective.params)
         self.cache = None
         if d.cache_dir:
-            key_fields = dict(model=c.source, revision=m.revision, variant=m.variant, vae=m.vae, family=c.family,
-                              resolution=d.resolution, center_crop=d.center_crop, dataset=str(d.source),
-                              split=d.split, keep_ties=d.keep_ties, max_samples=d.max_samples)
+            key_fields = dict(model=c.source, revision=m.revision, variant=m.variant, vae=m.vae,
+                              family=c.family, resolution=d.resolution, center_crop=d.center_crop,
+                              dataset=str(d.source), split=d.split, keep_ties=d.keep_ties,
+                              max_samples=d.max_samples)
             self.cache = EmbeddingCache(d.cache_dir, cache_key(**key_fields), meta=key_fields)
             self.dataset.latent_cache = self.cache
         self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)
@@ -222,7 +228,8 @@ class PreferenceTrainer:
             acc.init_trackers("diffalign", config=_flat_scalars(cfg.to_dict()))
         acc.print(
             f"diffalign: {cfg.objective.name} on {c.source} ({c.family}), {len(self.dataset)} pairs "
-            f"(ties dropped {self.dataset.stats.ties_dropped}, bad labels {self.dataset.stats.bad_labels_dropped}), "
+            f"(ties dropped {self.dataset.stats.ties_dropped}, "
+            f"bad labels {self.dataset.stats.bad_labels_dropped}), "
             f"{'LoRA r=%d' % m.lora.rank if m.lora else 'full fine-tuning'}, "
             f"{sum(p.numel() for p in params):,} trainable params, {d.resolution} px, device {acc.device}, "
             f"{acc.num_processes} process{'es' if acc.num_processes > 1 else ''}"
@@ -237,7 +244,8 @@ class PreferenceTrainer:
         captioner = load_captioner(params.captioner) if params.captioner else None
         columns = tuple(params.caption_columns) if params.caption_columns else None
         if params.loser_caption in ("column", "hybrid") and captioner is None:
-            self.dataset.image_captions(0, columns)  # fail at setup, not mid-run, when the columns are missing
+            # fail at setup, not mid-run, when the columns are missing
+            self.dataset.image_captions(0, columns)
         return DualCaptions(params.loser_caption, WordSwap(params.swap_fraction, vocab), captioner, columns)
 
     def _make_optimizer(self, params):
@@ -248,7 +256,8 @@ class PreferenceTrainer:
             try:
                 import bitsandbytes as bnb
             except ImportError:
-                raise ImportError("optimizer.use_8bit_adam needs bitsandbytes: `pip install diffalign[bnb]`") from None
+                raise ImportError("optimizer.use_8bit_adam needs bitsandbytes: "
+                                  "`pip install diffalign[bnb]`") from None
             return bnb.optim.AdamW8bit(params, **kw)
         return torch.optim.AdamW(params, **kw)
 
@@ -259,7 +268,8 @@ class PreferenceTrainer:
         b = batch["size"]
         mean = std = None
         if batch.get("pixel_rows"):
-            pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(acc.device, torch.float32)  # (2P, 3, R, R)
+            pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(
+                acc.device, torch.float32)  # (2P, 3, R, R)
             with torch.no_grad():
                 dist = c.vae.encode(pixels).latent_dist
             p = len(batch["pixel_rows"])
@@ -269,15 +279,18 @@ class PreferenceTrainer:
                 for j, row in enumerate(batch["pixel_rows"]):
                     self.cache.put_latents(
                         int(batch["indices"][row]), bool(batch["flips"][row]), m_new[j], s_new[j],
-                        original_size=batch["original_sizes"][row], crop_top_left=batch["crops_top_left"][row],
+                        original_size=batch["original_sizes"][row],
+                        crop_top_left=batch["crops_top_left"][row],
                     )
             mean = torch.empty((b, *m_new.shape[1:]), device=acc.device)
             std = torch.empty_like(mean)
             mean[batch["pixel_rows"]], std[batch["pixel_rows"]] = m_new, s_new
         if batch.get("latent_rows"):
-            lm, ls = batch["latent_mean"].to(acc.device, torch.float32), batch["latent_std"].to(acc.device, torch.float32)
+            lm, ls = (batch["latent_mean"].to(acc.device, torch.float32),
+                      batch["latent_std"].to(acc.device, torch.float32))
             if mean is None:
-                mean, std = torch.empty((b, *lm.shape[1:]), device=acc.device), torch.empty((b, *lm.shape[1:]), device=acc.device)
+                mean, std = (torch.empty((b, *lm.shape[1:]), device=acc.device),
+                             torch.empty((b, *lm.shape[1:]), device=acc.device))
             mean[batch["latent_rows"]], std[batch["latent_rows"]] = lm, ls
         xi = torch.randn(mean.shape, generator=self.generator).to(acc.device)
         z = (mean + std * xi) * c.vae.config.scaling_factor  # (B, 2, C, h, w)
@@ -321,23 +334,24 @@ class PreferenceTrainer:
         latents = self.encode_latents(batch)
         cond = self.condition(batch)
         if self.noise_provider is not None:  # e.g. InPO: noise implied by DDIM inversion of the latents
-            t, noise = self.noise_provider(self.policy, self.components.noise_scheduler, latents, cond, self.generator)
+            t, noise = self.noise_provider(self.policy, self.components.noise_scheduler, latents, cond,
+                                           self.generator)
         else:
             t, noise = pair_timesteps_and_noise(
                 latents, self.components.noise_scheduler.config.num_train_timesteps, share=cfg.share_noise,
                 generator=self.generator,
             )
         errors = preference_errors(
-            self.policy, self.components.noise_scheduler, latents, cond, reference=self.reference, t=t, noise=noise,
-            weighting=cfg.weighting, snr_gamma=cfg.snr_gamma,
+            self.policy, self.components.noise_scheduler, latents, cond, reference=self.reference, t=t,
+            noise=noise, weighting=cfg.weighting, snr_gamma=cfg.snr_gamma,
         )
         return self.objective(errors)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
         cfg, acc = self.config, self.accelerator
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not acc.is_local_main_process,
-                   dynamic_ncols=True)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train",
+                   disable=not acc.is_local_main_process, dynamic_ncols=True)
         window: list[dict] = []
         bad_window = False
         start = time.time()
@@ -362,11 +376,13 @@ class PreferenceTrainer:
                         if torch.isfinite(out.loss):
                             acc.backward(out.loss)
                         else:
-                            bad_window = True  # never backpropagate a NaN/inf loss into the accumulated gradients
+                            # never backpropagate a NaN/inf loss into the accumulated gradients
+                            bad_window = True
                         window.append({"loss": out.loss.item(), **out.metrics})
                         if not acc.sync_gradients:
                             continue
-                        # fp16's grad scaler skips overflowing steps itself; elsewhere inf/NaN gradients are a failure
+                        # fp16's grad scaler skips overflowing steps itself; elsewhere inf/NaN gradients are a
+                        # failure
                         if not bad_window and cfg.mixed_precision != "fp16" and not self._grads_finite():
                             bad_window = True
                         if not bad_window:
@@ -386,14 +402,16 @@ class PreferenceTrainer:
                     self.after_step()
                     bar.update(1)
                     record = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-                    record.update(step=self.step, lr=self.lr_scheduler.get_last_lr()[0], skipped=self.num_skipped,
-                                  nonfinite_skipped=self.nonfinite_skipped)
+                    record.update(step=self.step, lr=self.lr_scheduler.get_last_lr()[0],
+                                  skipped=self.num_skipped, nonfinite_skipped=self.nonfinite_skipped)
                     window = []
                     self.history.append(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracies', 0):.2f}")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}",
+                                    acc=f"{record.get('rewards/accuracies', 0):.2f}")
                     if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                         self._log(record)
-                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
+                    if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                            and self.step < cfg.max_steps):
                         self.save_checkpoint()
                     if cfg.validation.every and self.step % cfg.validation.every == 0:
                         self.validate()
@@ -401,14 +419,16 @@ class PreferenceTrainer:
                         break
                 else:
                     if unread and not read:
-                        raise UnreadableDataError(self._unreadable_message("no pair of the epoch could be read"))
+                        raise UnreadableDataError(
+                            self._unreadable_message("no pair of the epoch could be read"))
                     self.epoch += 1
                     self.position = 0
         finally:
             bar.close()
         acc.wait_for_everyone()
         unreadable = sorted(self.unreadable.items())
-        summary = {"steps": self.step, "skipped_samples": self.num_skipped, "unreadable_pairs": len(unreadable),
+        summary = {"steps": self.step, "skipped_samples": self.num_skipped,
+                   "unreadable_pairs": len(unreadable),
                    "unreadable": [{"index": i, "reason": r} for i, r in unreadable[:100]],
                    "nonfinite_steps_skipped": self.nonfinite_skipped, "seconds": time.time() - start,
                    "final": self.history[-1] if self.history else {}}
@@ -416,14 +436,15 @@ class PreferenceTrainer:
             self.save_final()
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             if unreadable:
-                acc.print(f"diffalign: skipped {len(unreadable)} unreadable pair{'s' if len(unreadable) > 1 else ''} "
-                          f"({self.num_skipped} time{'s' if self.num_skipped > 1 else ''}); first: {unreadable[0][1]} "
-                          "(all in summary.json)")
+                acc.print(f"diffalign: skipped {len(unreadable)} unreadable "
+                          f"pair{'s' if len(unreadable) > 1 else ''} "
+                          f"({self.num_skipped} time{'s' if self.num_skipped > 1 else ''}); "
+                          f"first: {unreadable[0][1]} (all in summary.json)")
         return summary
 
     def _count_unreadable(self, batch: dict):
-        """Count this batch's unreadable pairs (by index, with the first reason) and stop when the share of readable
-        pairs read so far falls below ``dataset.min_readable_fraction`` (from 64 attempts on)."""
+        """Count this batch's unreadable pairs (by index, with the first reason) and stop when the share of
+        readable pairs read so far falls below ``dataset.min_readable_fraction`` (from 64 attempts on)."""
         self.num_skipped += batch["num_skipped"]
         self.met_here[0] += batch["size"]
         self.met_here[1] += batch["num_skipped"]
@@ -445,18 +466,19 @@ class PreferenceTrainer:
         return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
     def _on_nonfinite(self, window: list[dict]):
-        """Count a skipped step; after ``max_nonfinite_steps`` in a row, checkpoint the (still good) weights and stop."""
+        """Count a skipped step; after ``max_nonfinite_steps`` in a row, checkpoint the (still good) weights
+        and stop."""
         self.nonfinite_skipped += 1
         self.consecutive_nonfinite += 1
         losses = [w["loss"] for w in window]
-        self.accelerator.print(f"diffalign: non-finite loss or gradients at step {self.step + 1} (losses {losses}); "
-                               f"step skipped ({self.consecutive_nonfinite} in a row)")
+        self.accelerator.print(f"diffalign: non-finite loss or gradients at step {self.step + 1} "
+                               f"(losses {losses}); step skipped ({self.consecutive_nonfinite} in a row)")
         if self.consecutive_nonfinite >= self.config.max_nonfinite_steps:
             self.save_checkpoint()
             raise NonFiniteError(
-                f"{self.consecutive_nonfinite} non-finite steps in a row at step {self.step}; stopped. Last good "
-                f"weights: {self.checkpoint_dir / f'checkpoint-{self.step}'} (lower the learning rate or β, "
-                "use bf16 instead of fp16, or check the data)"
+                f"{self.consecutive_nonfinite} non-finite steps in a row at step {self.step}; stopped. "
+                f"Last good weights: {self.checkpoint_dir / f'checkpoint-{self.step}'} (lower the learning "
+                "rate or β, use bf16 instead of fp16, or check the data)"
             )
 
     def _log(self, record: dict):
@@ -467,12 +489,14 @@ class PreferenceTrainer:
             with open(self.output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    # ------------------------------------------------------------------ hooks for recipes that extend the loop
+    # ------------------------------------------------------------------ hooks for recipes that extend
+    # the loop
     def after_step(self):
         """Called after every optimizer step (e.g. SePPO adds a reference snapshot)."""
 
     def checkpoint_extras(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Extra tensors (saved in the safetensors file) and plain state a recipe needs on resume (here: EMA)."""
+        """Extra tensors (saved in the safetensors file) and plain state a recipe needs on resume (here:
+        EMA)."""
         if self.ema is None:
             return {}, {}
         ema = {f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)}
@@ -499,8 +523,9 @@ class PreferenceTrainer:
         if not acc.is_main_process:
             return
         state = {
-            "step": self.step, "epoch": self.epoch, "position": self.position, "num_skipped": self.num_skipped,
-            "nonfinite_skipped": self.nonfinite_skipped, "unreadable": dict(self.unreadable),
+            "step": self.step, "epoch": self.epoch, "position": self.position,
+            "num_skipped": self.num_skipped, "nonfinite_skipped": self.nonfinite_skipped,
+            "unreadable": dict(self.unreadable),
             "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
                     "numpy": _numpy_state(), "python": _python_state(),
@@ -509,16 +534,19 @@ class PreferenceTrainer:
         extra_tensors, extra_meta = self.checkpoint_extras()
         state["extras"] = extra_meta
         weights = {**{f"trainable.{k}": v for k, v in self.trainable_state().items()}, **extra_tensors}
-        ckpt.save_checkpoint(self.checkpoint_dir, self.step, weights, state, self.config.keep_last_checkpoints)
+        ckpt.save_checkpoint(self.checkpoint_dir, self.step, weights, state,
+                             self.config.keep_last_checkpoints)
 
     def _resume(self):
         path = ckpt.latest_checkpoint(self.checkpoint_dir)
         if path is None:
-            self.accelerator.print(f"diffalign: no complete checkpoint in {self.checkpoint_dir}; starting fresh")
+            self.accelerator.print(f"diffalign: no complete checkpoint in {self.checkpoint_dir}; "
+                                   "starting fresh")
             return
         saved, state = ckpt.load_checkpoint(path)
         weights = {k[len("trainable."):]: v for k, v in saved.items() if k.startswith("trainable.")}
-        self.restore_extras({k: v for k, v in saved.items() if not k.startswith("trainable.")}, state["extras"])
+        self.restore_extras({k: v for k, v in saved.items() if not k.startswith("trainable.")},
+                            state["extras"])
         params = dict(self.accelerator.unwrap_model(self.unet).named_parameters())
         missing = set(n for n, p in params.items() if p.requires_grad) - set(weights)
         extra = set(weights) - set(params)
@@ -530,8 +558,8 @@ class PreferenceTrainer:
             else:
                 example = f"{'missing' if missing else 'unexpected'} {min(missing or extra)}"
             raise ResumeMismatchError(
-                f"--resume: {path.name} was written for another model or LoRA setting ({example}); resume with "
-                "the run's own config.yaml, or --overwrite to start over")
+                f"--resume: {path.name} was written for another model or LoRA setting ({example}); "
+                "resume with the run's own config.yaml, or --overwrite to start over")
         with torch.no_grad():
             for n, w in weights.items():
                 params[n].copy_(w)
@@ -552,7 +580,8 @@ class PreferenceTrainer:
         if metrics.exists() and self.accelerator.is_main_process:  # drop records past the checkpoint
             keep = [ln for ln in metrics.read_text().splitlines() if _record_step(ln) <= self.step]
             metrics.write_text("".join(ln + "\n" for ln in keep))
-        if self.accelerator.is_main_process:  # restored: retention can apply (a kill may have cut a prune short)
+        # restored: retention can apply (a kill may have cut a prune short)
+        if self.accelerator.is_main_process:
             ckpt.prune_checkpoints(self.checkpoint_dir, self.config.keep_last_checkpoints, keep=(path,))
         self.accelerator.print(f"diffalign: resumed from {path} (step {self.step}, epoch {self.epoch})")
 
@@ -572,8 +601,8 @@ class PreferenceTrainer:
         from ..models.tiny import tiny_pipeline
 
         c = self.components
-        view = Components(c.family, self.accelerator.unwrap_model(self.unet), c.vae, c.text_encoder, c.tokenizer,
-                          c.noise_scheduler, c.text_encoder_2, c.tokenizer_2, c.source)
+        view = Components(c.family, self.accelerator.unwrap_model(self.unet), c.vae, c.text_encoder,
+                          c.tokenizer, c.noise_scheduler, c.text_encoder_2, c.tokenizer_2, c.source)
         return tiny_pipeline(view)
 
     def validate(self):
@@ -590,8 +619,8 @@ class PreferenceTrainer:
         r = self.config.dataset.resolution
         with torch.no_grad(), torch.autocast(acc.device.type, enabled=self.weight_dtype != torch.float32,
                                              dtype=self.weight_dtype):
-            images = pipe(v.prompts, num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
-                          generator=g, height=r, width=r).images
+            images = pipe(v.prompts, num_inference_steps=v.num_inference_steps,
+                          guidance_scale=v.guidance_scale, generator=g, height=r, width=r).images
         unet.train()
         out = self.output_dir / "validation" / f"step-{self.step:06d}.png"
         save_grid(images, out)
@@ -624,11 +653,13 @@ def _record_step(line: str) -> float:
 
 def _numpy_state():
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached}
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+            "cached": cached}
 
 
 def _set_numpy_state(s):
-    np.random.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached"]))
+    np.random.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
+                         s["cached"]))
 
 
 def _python_state():

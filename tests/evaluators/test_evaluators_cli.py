@@ -4,7 +4,9 @@ against the scores recomputed directly."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
 import json
 import re
 from pathlib import Path
@@ -113,14 +115,17 @@ def test_eval_generates_scores_and_reports(tiny_pipeline, tiny_dirs, tmp_path, c
     assert 0 < summary["pickscore_preference"] < 1
     assert summary["meta"]["seeds"] == [0, 1]
 
+    # report.html is self-contained: 3 + 6 histogram charts and 16 images, all embedded as PNG data URIs.
     html = (out / "report.html").read_text()
     sources = re.findall(r"src='([^']+)'", html)
-    assert len([s for s in sources if s.startswith("images/")]) == 16
-    assert {"charts/means.png", "charts/win_rates.png", "charts/hist_hpsv2_1.png"} <= set(sources)
-    for src in sources:
-        assert (out / src).is_file(), src
-        with Image.open(out / src) as im:
-            assert im.size[0] > 0
+    assert len(sources) == 2 + len(ALL) + 16
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    embedded = [Image.open(io.BytesIO(base64.b64decode(s.split(",", 1)[1]))) for s in sources]
+    charts, grid = embedded[: 2 + len(ALL)], embedded[2 + len(ALL) :]
+    assert [c.size for c in charts[:1]] == [Image.open(out / "charts" / "means.png").size]
+    first = min(a)  # the grid's first row: A (dpo) then B (base), 32x32 images embedded unscaled
+    assert np.array_equal(np.asarray(grid[0].convert("RGB")), np.asarray(Image.open(out / a[first]["image"])))
+    assert np.array_equal(np.asarray(grid[1].convert("RGB")), np.asarray(Image.open(out / b[first]["image"])))
     with Image.open(out / "charts" / "means.png") as chart:
         assert chart.size[0] >= 800
 

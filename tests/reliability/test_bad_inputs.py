@@ -388,6 +388,108 @@ def test_missing_model_folder_says_not_found_and_hub_ids_say_hf_download(pickapi
     record("model", "hub id, offline and not cached", f"exit 2, one line: `{err[:120]}...{err[err.index('(offline'):]}`")
 
 
+def test_partly_matching_or_empty_lora_is_one_line(tiny_sd15_dir, tmp_path, capsys):
+    """A LoRA whose layers exist with the right inputs but other outputs, and a file with no U-Net layers, are
+    refused before diffusers half-loads them with a page of warnings."""
+    from safetensors.torch import load_file, save_file
+
+    from diffalign.models import add_lora, load_components, save_lora
+
+    sd = load_components(tiny_sd15_dir)
+    add_lora(sd.unet, rank=4, init=False)
+    save_lora(sd.unet, tmp_path / "good", sdxl=False)
+    weights = load_file(str(tmp_path / "good" / "pytorch_lora_weights.safetensors"))
+    key = next(k for k in weights if k.endswith("to_out.0.lora_B.weight"))
+    weights[key] = torch.zeros(weights[key].shape[0] + 8, weights[key].shape[1])  # out_features no longer match
+    (tmp_path / "partly").mkdir()
+    save_file(weights, str(tmp_path / "partly" / "pytorch_lora_weights.safetensors"))
+    (tmp_path / "empty").mkdir()
+    save_file({"text_encoder.x.lora_A.weight": torch.zeros(2, 2)}, str(tmp_path / "empty" / "pytorch_lora_weights.safetensors"))
+    for name, expected in (("partly", "1 of "), ("empty", "holds no U-Net LoRA layers")):
+        code = main(["generate", "--model", tiny_sd15_dir, "--lora", str(tmp_path / name), "--prompt", "x",
+                     "--out", str(tmp_path / "o"), "--steps", "1"])
+        err = _one_line(capsys).replace(str(tmp_path), "...")
+        assert code == 2 and expected in err and "out_features" in err if name == "partly" else expected in err
+        record("LoRA", {"partly": "adapter whose layers partly match (one layer's output size differs)",
+                        "empty": "file with no U-Net LoRA layers"}[name], f"exit 2, one line: `{err[:170]}`")
+
+
+def test_demo_pictures_are_labelled_and_threads_are_set(tmp_path, monkeypatch):
+    import torch as _torch
+
+    from diffalign.toy import demo
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda out, seed, max_steps: seen.update(threads=_torch.get_num_threads()))
+    before = _torch.get_num_threads()
+    try:
+        demo.main(["--threads", "1"])
+        assert seen["threads"] == 1
+    finally:
+        _torch.set_num_threads(before)
+    history = [{"step": i + 1, "loss": 0.7 + 0.01 * i, "rewards/margins": 0.1 * i} for i in range(30)]
+    demo._plot_curves(history, tmp_path / "curves.png")
+    images = [Image.new("RGB", (32, 32), (200, 0, 0))] * 2
+    demo._plot_samples(images, images, ["a red circle", "a blue square"], [1.0, 1.1], [1.2, 1.0],
+                       tmp_path / "samples.png")
+    assert Image.open(tmp_path / "samples.png").size[0] > 200 and (tmp_path / "curves.png").stat().st_size > 0
+    record("demo", "`samples.png`, `curves.png`, thread count",
+           "samples: `base` / `aligned` row names, the prompt under each column, each image's oracle reward; curves: "
+           "legend with the ln 2 line (the loss at step 0) and why the loss stays above it; `--threads` (default 1) "
+           "sets torch's threads")
+
+
+def test_eval_errors_are_one_line_and_the_toy_oracle_is_a_metric(tmp_path, capsys):
+    from diffalign.toy.shapes import ShapeSpec, render
+
+    def eval_line(*argv):
+        code = main(["eval", *argv, "--out", str(tmp_path / "o")])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("diffalign")]
+        assert code == 2 and len(err) == 1, err
+        return err[0].replace(str(tmp_path), "...")
+
+    err = eval_line("--images", str(tmp_path / "nofolder"), "--metric", "aesthetic")
+    assert "no such folder" in err
+    record("eval", "`--images` folder that does not exist", f"exit 2, one line: `{err}`")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    spec = ShapeSpec("red", "circle", "blue", 11.5, 16.0, 16.0)
+    render(spec).save(imgs / "0.png")
+    (tmp_path / "p.txt").write_text(spec.caption + "\n")
+    (tmp_path / "empty").mkdir()
+    err = eval_line("--images", str(imgs), "--prompts", str(tmp_path / "p.txt"), "--metric",
+                    f"clip={tmp_path / 'empty'}")
+    assert "cannot load the clip scorer" in err
+    record("eval", "`--metric clip=<a folder without CLIP weights>`", f"exit 2, one line: `{err[:160]}...`")
+    assert main(["eval", "--images", str(imgs), "--prompts", str(tmp_path / "p.txt"), "--metric", "toy",
+                 "--out", str(tmp_path / "toy")]) == 0
+    html = (tmp_path / "toy" / "report.html").read_text()
+    assert "data:image/png;base64," in html and "src='images/" not in html
+    record("eval", "an offline metric that means something; moving the HTML report",
+           "`--metric toy` scores toy-world images with the demo's oracle, no weights needed; `report.html` "
+           "embeds its images and charts (it still shows everything after being moved)")
+
+
+def test_every_config_key_has_a_reference_and_lora_loads_quietly(tiny_sd15_dir, tmp_path, capfd):
+    from diffalign.models import add_lora, load_components, save_lora
+
+    reference = (DOC.parent / "config.md").read_text()
+    assert "`dataset.resolution`" in reference and "`objective.loser_caption`" in reference
+    record("config", "which keys exist, their types and defaults",
+           "`docs/config.md`: every key of every section and objective with type, default and help, generated from "
+           "the dataclasses (`tests/core/test_config_reference.py` fails when it is stale)")
+    sd = load_components(tiny_sd15_dir)
+    add_lora(sd.unet, rank=4, init=False)
+    save_lora(sd.unet, tmp_path / "lora", sdxl=False)
+    capfd.readouterr()
+    assert main(["generate", "--model", tiny_sd15_dir, "--lora", str(tmp_path / "lora"), "--prompt", "x",
+                 "--out", str(tmp_path / "o"), "--steps", "1"]) == 0
+    out = capfd.readouterr()
+    assert "No LoRA keys associated" not in out.err + out.out
+    record("LoRA", "loading a diffalign LoRA (`generate`, `eval`, the demo)",
+           "no \"No LoRA keys associated to CLIPTextModel\" warning (the adapters hold U-Net layers only)")
+
+
 def test_write_table():
     """Runs last in this module: writes the table of everything recorded above (only after a full run)."""
     if len(ROWS) < 24:
