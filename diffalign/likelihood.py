@@ -24,11 +24,26 @@ the 2B batch and the reference **once** under ``torch.no_grad`` on exactly the s
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .objectives.base import PairErrors
+
+@dataclass
+class PairErrors:
+    """Per-sample denoising errors of a batch of B preference pairs, all of shape (B,).
+
+    ``model_*`` carry gradients (policy), ``ref_*`` do not (reference, or ``None`` for reference-free objectives).
+    ``timesteps`` (B,) are the diffusion steps the pair was noised at (shared by winner and loser by default).
+    """
+
+    model_w: torch.Tensor
+    model_l: torch.Tensor
+    ref_w: torch.Tensor | None = None
+    ref_l: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
+
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 

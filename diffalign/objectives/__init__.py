@@ -14,9 +14,6 @@ from .inpo import InPOConfig
 from .mapo import MaPOConfig, mapo_log_odds, mapo_loss, phi
 from .seppo import SePPOConfig, aaf_sign, seppo_loss
 
-# PPD lives in its own package (user encoder, attention branch, recipe); importing it registers `ppd`.
-from .. import personalization as _personalization  # noqa: E402,F401  (after the names it imports from here)
-
 __all__ = [
     "DCPOConfig",
     "DPOConfig",

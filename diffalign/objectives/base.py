@@ -14,20 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-
-@dataclass
-class PairErrors:
-    """Per-sample denoising errors of a batch of B preference pairs, all of shape (B,).
-
-    ``model_*`` carry gradients (policy), ``ref_*`` do not (reference, or ``None`` for reference-free objectives).
-    ``timesteps`` (B,) are the diffusion steps the pair was noised at (shared by winner and loser by default).
-    """
-
-    model_w: torch.Tensor
-    model_l: torch.Tensor
-    ref_w: torch.Tensor | None = None
-    ref_l: torch.Tensor | None = None
-    timesteps: torch.Tensor | None = None
+from ..likelihood import PairErrors  # noqa: F401  (the likelihood layer owns it; re-exported here)
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """PPD: personalized preference fine-tuning (Dang et al., CVPR 2025) — user embeddings from few-shot examples,
 injected by decoupled cross-attention, trained with user-conditioned Diffusion-DPO.
 
-Importing this package registers the ``ppd`` objective. The training recipe
-(:class:`diffalign.personalization.trainer.PersonalizedTrainer`) and the command line (:mod:`.cli`) are imported on
-use, so this package stays importable from :mod:`diffalign.objectives`.
+Importing this package registers the ``ppd`` objective (the training config does, so ``objective: ppd`` parses).
+The training recipe (:class:`diffalign.personalization.trainer.PersonalizedTrainer`) and the command line
+(:mod:`.cli`) are imported on use, so importing this package loads no training module.
 """
 
 from .attention import (

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from .. import personalization as _personalization  # noqa: F401  (registers the "ppd" objective)
 from ..objectives import build_objective, get_objective_spec
 
 
