@@ -75,11 +75,6 @@ class PersonalizedTrainer(PreferenceTrainer):
     def setup(self, resume: bool = False, overwrite: bool = False) -> PersonalizedTrainer:
         self.user_dropout = self._user_dropout()
         super().setup(resume=resume, overwrite=overwrite)
-        # Base setup made a frozen copy (model.lora null) or an adapters-off view: replace/wrap it so the
-        # reference never sees user tokens.
-        inner = (self.reference if isinstance(self.reference, AdapterDisabledReference)
-                 else UNetDenoiser(self.unet))
-        self.reference = UserFreeReference(inner)
         self.unet_inner = self.accelerator.unwrap_model(self.unet)
         self._dropped = 0.0
         self._build_users()
@@ -105,21 +100,33 @@ class PersonalizedTrainer(PreferenceTrainer):
             return 0.0
         return 0.1 if p is None else p
 
-    def _make_optimizer(self, params):
-        # Called by the base setup after LoRA (if any) is added and before accelerate.prepare: the one place
-        # where the branch can join the optimizer and the prepared module.
-        p, unet = self.config.objective.params, self.components.unet
+    def configure_model(self, unet) -> None:
+        """The base stays frozen (``model.lora: null``, the paper's setting) or gets a LoRA; then the user branch is
+        attached and trains."""
+        p = self.config.objective.params
         if self.config.model.lora is None:
-            unet.requires_grad_(False)  # PPD trains the branch only; the base stays frozen
+            unet.requires_grad_(False).to(self.accelerator.device)  # branch only: not full fine-tuning
             if self.weight_dtype != torch.float32:
                 unet.to(dtype=self.weight_dtype)
-            params = []
+        else:
+            super().configure_model(unet)
         cross_dim = unet.config.cross_attention_dim
         cross_dim = cross_dim[0] if isinstance(cross_dim, (list, tuple)) else cross_dim
         self.branch_spec = UserBranchSpec(encoder_feature_shape(p.encoder), p.num_tokens,
                                           p.token_dim or cross_dim, p.scale, p.init, p.encoder)
         attach_user_branch(unet, self.branch_spec)
-        return super()._make_optimizer(list(params) + branch_parameters(unet))
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """LoRA parameters (if any), then the user branch's."""
+        branch = branch_parameters(self.components.unet)
+        ids = {id(q) for q in branch}
+        return [q for q in super().trainable_parameters() if id(q) not in ids] + branch
+
+    def build_reference(self, unet):
+        """The base model without the branch: the same U-Net called without user tokens (LoRA adapters disabled
+        when a LoRA trains); never a copy."""
+        inner = AdapterDisabledReference(unet) if self.config.model.lora is not None else UNetDenoiser(unet)
+        return UserFreeReference(inner)
 
     # ------------------------------------------------------------------ users
     def _cache_meta(self) -> dict:
@@ -230,7 +237,8 @@ class PersonalizedTrainer(PreferenceTrainer):
         return out
 
     # ------------------------------------------------------------------ outputs
-    def save_final(self):
+    def export(self) -> None:
+        """The LoRA (if one trained) and the user branch; no U-Net is written for branch-only training."""
         unet = self.accelerator.unwrap_model(self.unet)
         if self.config.model.lora is not None:
             save_lora(unet, self.output_dir, sdxl=self.components.is_sdxl)

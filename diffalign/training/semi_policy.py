@@ -46,10 +46,13 @@ class SemiPolicyTrainer(PreferenceTrainer):
             raise ConfigError("model.lora: SePPO keeps a pool of reference checkpoints and needs LoRA (set model.lora)")
         self.pool: list[tuple[int, dict[str, torch.Tensor]]] = []
         super().setup(resume=resume, overwrite=overwrite)
-        self.reference = SnapshotReference(self.accelerator.unwrap_model(self.unet))
         if not self.pool:
             self.pool.append((self.step, self._snapshot()))
         return self
+
+    def build_reference(self, unet):
+        """A previous checkpoint of the LoRA (drawn from the pool each step), run on the same U-Net."""
+        return SnapshotReference(unet)
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {n: v.detach().clone().cpu() for n, v in self.trainable_state().items()}

@@ -6,7 +6,11 @@ with gradients and the reference **once** without, hand the per-sample errors to
 step. Runs on ``accelerate``: ``accelerate launch -m diffalign.cli train cfg.yaml`` shards the data over
 processes.
 
-The recipe holds no objective math; it only asks the objective whether it needs a reference.
+The recipe holds no objective math; it only asks the objective whether it needs a reference. Recipes (SePPO's
+semi-policy trainer, PPD's personalized trainer) override named steps: :meth:`PreferenceTrainer.configure_model`
+(what trains), :meth:`~PreferenceTrainer.trainable_parameters` (the one list the optimizer, EMA and the log use),
+:meth:`~PreferenceTrainer.build_reference`, :meth:`~PreferenceTrainer.condition`,
+:meth:`~PreferenceTrainer.compute_loss` and :meth:`~PreferenceTrainer.export`.
 """
 
 from __future__ import annotations
@@ -167,25 +171,16 @@ class PreferenceTrainer:
             unet.enable_gradient_checkpointing()
 
         self.objective, spec = build_objective(cfg.objective.name, cfg.objective.params)
+        self.spec = spec
         self.noise_provider = spec.noise_provider(cfg.objective.params) if spec.noise_provider else None
-        self.reference = None
-        if m.lora is not None:
-            unet.requires_grad_(False).to(acc.device)
-            if self.weight_dtype != torch.float32:
-                unet.to(dtype=self.weight_dtype)
-            add_lora(unet, m.lora.rank, m.lora.alpha, m.lora.target_modules, m.lora.dropout, m.lora.init)
-            if spec.needs_reference:
-                self.reference = AdapterDisabledReference(unet)
-        else:
-            unet.requires_grad_(True).to(acc.device)
-            if spec.needs_reference:
-                self.reference = FrozenCopyReference(unet, dtype=self.weight_dtype)
+        self.configure_model(unet)
         unet.train()
-        params = [p for p in unet.parameters() if p.requires_grad]
+        # One list for the optimizer, EMA, checkpoints and the log line.
+        params = self.trainable_parameters()
         self.optimizer = self._make_optimizer(params)
+        # Before accelerate.prepare: a frozen copy must not copy accelerate's forward wrappers.
+        self.reference = self.build_reference(unet) if spec.needs_reference else None
         self.unet, self.optimizer = acc.prepare(unet, self.optimizer)
-        if isinstance(self.reference, AdapterDisabledReference):
-            self.reference = AdapterDisabledReference(self.unet)
         self.policy = UNetDenoiser(self.unet)
         self.ema = None
         if cfg.ema_decay is not None:
@@ -247,6 +242,38 @@ class PreferenceTrainer:
             # fail at setup, not mid-run, when the columns are missing
             self.dataset.image_captions(0, columns)
         return DualCaptions(params.loser_caption, WordSwap(params.swap_fraction, vocab), captioner, columns)
+
+    # ------------------------------------------------------------------ named steps recipes override
+    def configure_model(self, unet) -> None:
+        """Decide what trains: LoRA adapters on a frozen U-Net (``model.lora``), else the whole U-Net."""
+        m, device = self.config.model, self.accelerator.device
+        if m.lora is None:
+            unet.requires_grad_(True).to(device)
+            return
+        unet.requires_grad_(False).to(device)
+        if self.weight_dtype != torch.float32:
+            unet.to(dtype=self.weight_dtype)
+        add_lora(unet, m.lora.rank, m.lora.alpha, m.lora.target_modules, m.lora.dropout, m.lora.init)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters that train, in a fixed order: the optimizer, EMA and the log line all take this list."""
+        return [p for p in self.components.unet.parameters() if p.requires_grad]
+
+    def build_reference(self, unet):
+        """The frozen model of the objective's log-ratio: the same U-Net with adapters disabled (LoRA), else a
+        frozen copy taken now (full fine-tuning)."""
+        if self.config.model.lora is not None:
+            return AdapterDisabledReference(unet)
+        return FrozenCopyReference(unet, dtype=self.weight_dtype)
+
+    def export(self) -> None:
+        """Write the trained weights to ``output_dir``: the LoRA (``pipeline.load_lora_weights`` reads it) or the
+        U-Net."""
+        unet = self.accelerator.unwrap_model(self.unet)
+        if self.config.model.lora is not None:
+            save_lora(unet, self.output_dir, sdxl=self.components.is_sdxl)
+        else:
+            unet.save_pretrained(str(self.output_dir / "unet"), safe_serialization=True)
 
     def _make_optimizer(self, params):
         o = self.config.optimizer
@@ -398,7 +425,7 @@ class PreferenceTrainer:
                     self.lr_scheduler.step()
                     self.step += 1
                     if self.ema is not None:
-                        self.ema.step(self._trainable_params())
+                        self.ema.step(self.trainable_parameters())
                     self.after_step()
                     bar.update(1)
                     record = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
@@ -509,9 +536,6 @@ class PreferenceTrainer:
                     p.copy_(tensors[f"ema.{i}"])
             self.ema.optimization_step = meta["ema_optimization_step"]
 
-    def _trainable_params(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.accelerator.unwrap_model(self.unet).parameters() if p.requires_grad]
-
     # ------------------------------------------------------------------ state
     def trainable_state(self) -> dict[str, torch.Tensor]:
         unet = self.accelerator.unwrap_model(self.unet)
@@ -586,14 +610,10 @@ class PreferenceTrainer:
         self.accelerator.print(f"diffalign: resumed from {path} (step {self.step}, epoch {self.epoch})")
 
     def save_final(self):
-        """Export the adapter (or U-Net); with EMA, the EMA weights are exported."""
-        unet = self.accelerator.unwrap_model(self.unet)
+        """:meth:`export` the trained weights; with EMA, the EMA weights."""
         if self.ema is not None:
-            self.ema.copy_to(self._trainable_params())
-        if self.config.model.lora is not None:
-            save_lora(unet, self.output_dir, sdxl=self.components.is_sdxl)
-        else:
-            unet.save_pretrained(str(self.output_dir / "unet"), safe_serialization=True)
+            self.ema.copy_to(self.trainable_parameters())
+        self.export()
 
     # ------------------------------------------------------------------ validation images
     def pipeline(self):

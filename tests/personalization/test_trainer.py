@@ -8,6 +8,7 @@ import torch
 
 from diffalign.data import collate_pairs
 from diffalign.personalization import USER_BRANCH_NAME, USER_EMBEDDINGS_NAME, load_user_branch, load_user_embeddings
+from diffalign.personalization.io import branch_parameters
 from diffalign.personalization.trainer import PersonalizedTrainer
 from diffalign.training.config import ConfigError
 from diffalign.training.trainer import trainer_class
@@ -126,3 +127,33 @@ def test_missing_user_column_is_a_config_error(tiny_sd15_dir, pickapic_dir, tmp_
     cfg = ppd_config(tiny_sd15_dir, pickapic_dir, tmp_path / "run")
     with pytest.raises(ConfigError, match="objective.user_column: the dataset has no column 'user_id'"):
         PersonalizedTrainer(cfg).setup()
+
+
+@pytest.mark.parametrize("lora", [None, {"rank": 4}], ids=["branch-only", "lora"])
+def test_ema_trains_and_exports_and_one_parameter_list_serves_all(lora, tiny_sd15_dir, user_pairs_dir, tmp_path,
+                                                                   ppd_config, capsys):
+    """objective ppd with ema_decay: the optimizer, EMA and the setup log count the same parameters (branch
+    included); the exported branch is the EMA's; branch-only training keeps no second U-Net."""
+    from safetensors.torch import load_file
+
+    from diffalign.models import FrozenCopyReference
+
+    cfg = ppd_config(tiny_sd15_dir, user_pairs_dir, tmp_path / "run", ema_decay=0.5,
+                     **{"model.lora": lora, "max_steps": 2, "checkpoint_every": None})
+    tr = PersonalizedTrainer(cfg).setup()
+    held = [q for group in tr.optimizer.param_groups for q in group["params"]]
+    assert [id(q) for q in held] == [id(q) for q in tr.trainable_parameters()]
+    assert len(tr.ema.shadow_params) == len(held)
+    n = sum(q.numel() for q in held)
+    assert f"{n:,} trainable params" in capsys.readouterr().out
+    assert not isinstance(tr.reference.inner, FrozenCopyReference)
+    assert tr.reference.inner.unet is tr.components.unet  # the reference is a view of the policy's U-Net
+    tr.train()
+    shadow = [t.clone() for t in tr.ema.shadow_params]
+    tr.cleanup()
+    saved = load_file(str(tmp_path / "run" / USER_BRANCH_NAME))
+    branch = {id(q): q for q in branch_parameters(tr.components.unet)}
+    exported = {q.data_ptr() for q in branch.values()}
+    assert len(saved) and exported  # the export wrote the branch ...
+    ema_branch = shadow[-len(branch):]  # ... holding the EMA weights (the branch comes last in the list)
+    assert all(torch.equal(a, b) for a, b in zip(ema_branch, branch.values()))
