@@ -31,9 +31,9 @@ __all__ = [
     "adapters_disabled",
     "add_lora",
     "check_lora_matches",
-    "load_lora_into_pipeline",
     "load_components",
     "load_lora_into",
+    "load_lora_into_pipeline",
     "save_lora",
     "set_attention_backend",
 ]

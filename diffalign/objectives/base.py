@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..likelihood import PairErrors  # noqa: F401  (the likelihood layer owns it; re-exported here)
+from ..likelihood import PairErrors  # the likelihood layer owns it; re-exported here
 
 
 @dataclass
