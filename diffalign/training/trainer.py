@@ -428,7 +428,8 @@ class PreferenceTrainer:
                         self.ema.step(self.trainable_parameters())
                     self.after_step()
                     bar.update(1)
-                    record = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                    record = self._mean_over_ranks(
+                        {k: float(np.mean([w[k] for w in window])) for k in window[0]})
                     record.update(step=self.step, lr=self.lr_scheduler.get_last_lr()[0],
                                   skipped=self.num_skipped, nonfinite_skipped=self.nonfinite_skipped)
                     window = []
@@ -468,6 +469,16 @@ class PreferenceTrainer:
                           f"({self.num_skipped} time{'s' if self.num_skipped > 1 else ''}); "
                           f"first: {unreadable[0][1]} (all in summary.json)")
         return summary
+
+    def _mean_over_ranks(self, record: dict[str, float]) -> dict[str, float]:
+        """Each logged value averaged over the processes (every process logs the same keys at every step)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return record
+        keys = sorted(record)
+        values = acc.reduce(torch.tensor([record[k] for k in keys], dtype=torch.float64, device=acc.device),
+                            reduction="mean")
+        return dict(zip(keys, values.tolist()))
 
     def _count_unreadable(self, batch: dict):
         """Count this batch's unreadable pairs (by index, with the first reason) and stop when the share of
@@ -544,6 +555,8 @@ class PreferenceTrainer:
     def save_checkpoint(self):
         acc = self.accelerator
         acc.wait_for_everyone()
+        # Every process has its own generators and data position: gather them so each rank resumes its own.
+        ranks = self._per_rank_state()
         if not acc.is_main_process:
             return
         state = {
@@ -551,15 +564,25 @@ class PreferenceTrainer:
             "num_skipped": self.num_skipped, "nonfinite_skipped": self.nonfinite_skipped,
             "unreadable": dict(self.unreadable),
             "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
-                    "numpy": _numpy_state(), "python": _python_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": ranks[0]["rng"], "ranks": ranks,
         }
         extra_tensors, extra_meta = self.checkpoint_extras()
         state["extras"] = extra_meta
         weights = {**{f"trainable.{k}": v for k, v in self.trainable_state().items()}, **extra_tensors}
         ckpt.save_checkpoint(self.checkpoint_dir, self.step, weights, state,
                              self.config.keep_last_checkpoints)
+
+    def _per_rank_state(self) -> list[dict]:
+        """This process's random states and data position, gathered from every process (rank order)."""
+        from accelerate.utils import gather_object
+
+        mine = {"position": self.position,
+                "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
+                        "numpy": _numpy_state(), "python": _python_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+        if self.accelerator.num_processes == 1:
+            return [mine]
+        return gather_object([mine])
 
     def _resume(self):
         path = ckpt.latest_checkpoint(self.checkpoint_dir)
@@ -593,7 +616,14 @@ class PreferenceTrainer:
         self.num_skipped = state["num_skipped"]
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         self.unreadable = dict(state.get("unreadable", {}))
-        rng = state["rng"]
+        ranks = state.get("ranks") or [{"rng": state["rng"], "position": state["position"]}]
+        acc = self.accelerator
+        if len(ranks) != acc.num_processes:
+            acc.print(f"diffalign: {path.name} was written by {len(ranks)} process(es), this run has "
+                      f"{acc.num_processes}: every process resumes from rank 0's random state and position")
+        mine = ranks[acc.process_index] if len(ranks) == acc.num_processes else ranks[0]
+        self.position = mine["position"]
+        rng = mine["rng"]
         torch.set_rng_state(rng["torch"])
         self.generator.set_state(rng["generator"])
         _set_numpy_state(rng["numpy"])
