@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -41,20 +40,20 @@ def _launch(cfg, *extra, kill_after_checkpoint=None):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "diffalign.cli", "train",
            str(cfg), *extra]
-    log = open(cfg.with_suffix(".log"), "w+b")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    out = yaml.safe_load(cfg.read_text())["output_dir"]
-    deadline = time.time() + 600
-    while proc.poll() is None and time.time() < deadline:
-        done = kill_after_checkpoint and ckpt.latest_checkpoint(Path(out) / "checkpoints")
-        if done and done.name == f"checkpoint-{kill_after_checkpoint}":
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
-            proc.wait()
-            return None
-        time.sleep(0.05)
-    proc.wait(timeout=60)
-    log.seek(0)
-    text = log.read().decode(errors="replace")
+    with open(cfg.with_suffix(".log"), "w+b") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        out = yaml.safe_load(cfg.read_text())["output_dir"]
+        deadline = time.time() + 600
+        while proc.poll() is None and time.time() < deadline:
+            done = kill_after_checkpoint and ckpt.latest_checkpoint(Path(out) / "checkpoints")
+            if done and done.name == f"checkpoint-{kill_after_checkpoint}":
+                os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+                proc.wait()
+                return None
+            time.sleep(0.05)
+        proc.wait(timeout=60)
+        log.seek(0)
+        text = log.read().decode(errors="replace")
     assert proc.returncode == 0, text[-3000:]
     return text
 
@@ -64,7 +63,7 @@ def _launch(cfg, *extra, kill_after_checkpoint=None):
 def test_two_process_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path):
     from diffalign.toy import toy_model_path, toy_pairs_path
 
-    kw = {"max_steps": 8, "checkpoint_every": 2, "batch_size": 2, "dataset.max_samples": 24,
+    kw = {"max_steps": 10, "checkpoint_every": 2, "batch_size": 2, "dataset.max_samples": 24,
           "dataset.random_flip": True, "objective": {"name": "dpo", "beta": 1000.0}}
     cfgs = {}
     for name in ("full", "killed"):
@@ -73,16 +72,17 @@ def test_two_process_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_pat
     log = _launch(cfgs["full"])
     assert "2 processes" in log and log.count("diffalign: done") == 1
     assert _launch(cfgs["killed"], kill_after_checkpoint=4) is None
-    assert ckpt.latest_checkpoint(tmp_path / "killed" / "checkpoints").name == "checkpoint-4"
+    # killed as soon as checkpoint-4 is complete (on a slow machine a step or two later, never at checkpoint-8)
+    assert ckpt.latest_checkpoint(tmp_path / "killed" / "checkpoints").name in ("checkpoint-4", "checkpoint-6")
     _launch(cfgs["killed"], "--resume")
 
     a = load_file(str(tmp_path / "full" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "killed" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = lambda d: [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
-    assert losses(tmp_path / "full") == losses(tmp_path / "killed") and len(losses(tmp_path / "full")) == 8
-    # checkpoint-6 was written after the resume: each rank had restored its own generator, so their states differ
-    _, state = ckpt.load_checkpoint(tmp_path / "killed" / "checkpoints" / "checkpoint-6")
+    assert losses(tmp_path / "full") == losses(tmp_path / "killed") and len(losses(tmp_path / "full")) == 10
+    # checkpoint-8 was written after the resume: each rank had restored its own generator, so their states differ
+    _, state = ckpt.load_checkpoint(tmp_path / "killed" / "checkpoints" / "checkpoint-8")
     ranks = state["ranks"]
     assert len(ranks) == 2 and not torch.equal(ranks[0]["rng"]["generator"], ranks[1]["rng"]["generator"])
     assert ranks[0]["position"] == ranks[1]["position"]
