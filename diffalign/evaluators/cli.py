@@ -45,7 +45,10 @@ class UsageError(ValueError):
 
 
 def assets_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "assets" / "prompts"
+    """The shipped prompt lists (``--prompts general`` etc.), package data under ``diffalign/assets/prompts``."""
+    from ..toy import assets_path
+
+    return assets_path() / "prompts"
 
 
 def parse_metric(spec: str) -> tuple[str, str | None]:

@@ -55,9 +55,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..toy import assets_path
 from .user_encoder import PreferenceExample
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
+ASSETS = assets_path()
 TOY_MODEL_DIR = ASSETS / "toy-sd-ppd"  # the PPD base (module doc); falls back to the demo's assets/toy-sd
 TASTE_FEATURES = ("lightness", "warmth")
 # Sampling defaults of the toy pipeline (diffalign.toy.components): 20 DDIM steps, CFG 5.

@@ -48,9 +48,10 @@ ASSETS_ENV = "DIFFALIGN_ASSETS"
 
 
 def assets_path() -> Path:
-    """The ``assets`` folder: ``$DIFFALIGN_ASSETS`` if set, else ``<repo root>/assets``."""
+    """The shipped data (toy pipelines, pairs, prompt lists): ``$DIFFALIGN_ASSETS`` if set, else the package's
+    ``diffalign/assets`` (package data, so a wheel install has it; ``assets`` at the repo root links there)."""
     override = os.environ.get(ASSETS_ENV)
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "assets"
+    return Path(override) if override else Path(__file__).resolve().parents[1] / "assets"
 
 
 def toy_model_path() -> Path:
