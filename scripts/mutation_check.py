@@ -239,7 +239,8 @@ def _workspace(root: Path) -> Path:
     """A scratch copy of the package and tests, with the read-only folders linked."""
     ws = Path(tempfile.mkdtemp(prefix="diffalign-mutant-"))
     for name in ("diffalign", "tests"):
-        shutil.copytree(root / name, ws / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(root / name, ws / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "assets"))
+    (ws / "diffalign" / "assets").symlink_to(root / "diffalign" / "assets")  # read-only data, 28 MB
     for name in ("pyproject.toml",):
         shutil.copy2(root / name, ws / name)
     for name in ("assets", "configs", "scripts", "docs", "bench", "README.md"):
