@@ -57,9 +57,17 @@ def apply_overrides(cfg: dict, items: list[str]) -> dict:
 
 
 def build_experiment_config(cfg: dict):
+    """``Detour2DConfig`` from the ``experiment`` section, with the key checks and type coercion of
+    ``diffalign train`` (``lr=1e-4`` is a float, an unknown key is one line); nested sections override the toy's
+    defaults field by field."""
+    import dataclasses
+
+    from ..training.config import from_dict
     from .experiments import Detour2DConfig
 
-    return Detour2DConfig(**(cfg.get("experiment") or {}))
+    section = dict(cfg.get("experiment") or {})
+    nested = {k: section.pop(k) for k in ("policy", "deformpam", "rapl") if isinstance(section.get(k), dict)}
+    return dataclasses.replace(from_dict(Detour2DConfig, section, "experiment"), **nested)
 
 
 def train(cfg: dict, *, overwrite: bool = False, log=print) -> Path:

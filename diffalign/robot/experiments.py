@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from ..training.config import from_dict
 from . import toy
 from .configuration_deformpam import DeformPAMConfig
 from .configuration_diffusion_policy import DiffusionPolicyConfig
@@ -85,8 +86,8 @@ class Detour2DConfig:
                                     ("deformpam", DeformPAMConfig, _toy_deformpam_config),
                                     ("rapl", RAPLConfig, _toy_rapl_config)):
             value = getattr(self, name)
-            if isinstance(value, dict):
-                setattr(self, name, cls(**{**asdict(defaults()), **value}))
+            if isinstance(value, dict):  # typed like `diffalign train` overrides: "1e-4" is a float here too
+                setattr(self, name, from_dict(cls, {**asdict(defaults()), **value}, f"experiment.{name}"))
         self.ras_ns = tuple(self.ras_ns)
         if max(self.ras_ns) < 1:
             raise ValueError(f"ras_ns must hold positive N, got {self.ras_ns}")

@@ -52,6 +52,19 @@ def test_train_then_eval(tmp_path, name, capsys):
     assert result["ras"]["1"] == result["imitation"]  # N = 1 is the imitation policy's own sample
 
 
+def test_overrides_are_typed_like_train_overrides():
+    """`experiment.deformpam.lr=1e-4` (YAML reads 1e-4 as a string) reaches the optimizer as the float 1e-4, the
+    toy's other defaults stay, and an unknown key is one config error naming it."""
+    from diffalign.training.config import ConfigError
+
+    exp = build_experiment_config(load_config(CONFIGS[0], ["experiment.deformpam.lr=1e-4",
+                                                           "experiment.triplet_gap=5e-1"]))
+    assert exp.deformpam.lr == 1e-4 and isinstance(exp.deformpam.lr, float) and exp.triplet_gap == 0.5
+    assert exp.deformpam.n_draws == 32  # the toy's default, not the library's
+    with pytest.raises(ConfigError, match="experiment.deformpam.lrr: unknown key"):
+        build_experiment_config(load_config(CONFIGS[0], ["experiment.deformpam.lrr=1"]))
+
+
 def test_top_level_dispatch():
     from diffalign.cli import main as top
 
