@@ -41,7 +41,6 @@ def generate(pipe, prompts: list[str], seeds: list[int], **kwargs):
     return images
 
 
-USER_FLAGS = ("--user-examples", "--user-mix", "--user")
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -92,7 +91,9 @@ def write_images(args, prompts: list[str], render) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if any(a.split("=")[0] in USER_FLAGS for a in argv):  # a PPD model served to a user: same flags + the user ones
+    from .personalization.cli import USER_ONLY_FLAGS, add_user_args
+
+    if any(a.split("=")[0] in USER_ONLY_FLAGS for a in argv):  # a PPD model served to a user
         from .personalization.cli import main as personalize
 
         return personalize(argv)
@@ -102,6 +103,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--model", required=True, help="hub id or local diffusers folder")
     p.add_argument("--lora", help="folder with pytorch_lora_weights.safetensors (a diffalign train output_dir)")
     add_generation_args(p)
+    add_user_args(p.add_argument_group("a PPD model served to a user (any of these runs `diffalign personalize`)"))
     args = p.parse_args(argv)
     prompts = read_prompts(args)
     if not prompts:

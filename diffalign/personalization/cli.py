@@ -189,14 +189,13 @@ EPILOG = """examples:
 """
 
 
-def main(argv: list[str]) -> int:
-    from ..generate import add_generation_args, read_prompts, write_images
-    from ..models.loading import ModelNotFoundError
+USER_ONLY_FLAGS = ("--branch", "--user-examples", "--user-mix", "--user", "--mix-space", "--user-scale",
+                   "--user-cond-only")
 
-    p = argparse.ArgumentParser(prog="diffalign personalize", description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="base model: hub id or local diffusers folder")
-    p.add_argument("--lora", required=True, help="the PPD run's output_dir (user branch, LoRA if trained)")
+
+def add_user_args(p) -> None:
+    """The flags that serve a PPD user (:data:`USER_ONLY_FLAGS`); ``diffalign generate`` lists them too and hands
+    any command line that uses one to ``diffalign personalize``."""
     p.add_argument("--branch", help="folder with user_branch.safetensors, if not the --lora folder")
     who = p.add_mutually_exclusive_group()
     who.add_argument("--user-examples", help="a user's few-shot examples (.json/.jsonl of prompt/chosen/rejected)")
@@ -207,6 +206,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--user-scale", type=float, help="scale s of the user branch (default: the trained one)")
     p.add_argument("--user-cond-only", action="store_true",
                    help="user tokens on the conditional half of the CFG batch only")
+
+
+def main(argv: list[str]) -> int:
+    from ..generate import add_generation_args, read_prompts, write_images
+    from ..models.loading import ModelNotFoundError
+
+    p = argparse.ArgumentParser(prog="diffalign personalize", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="base model: hub id or local diffusers folder")
+    p.add_argument("--lora", required=True, help="the PPD run's output_dir (user branch, LoRA if trained)")
+    add_user_args(p)
     add_generation_args(p)
     args = p.parse_args(argv)
     prompts = read_prompts(args)

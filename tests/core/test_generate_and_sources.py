@@ -1,6 +1,7 @@
 import io
 import tarfile
 
+import pytest
 import torch
 
 from diffalign.cli import main
@@ -49,3 +50,17 @@ def test_webdataset_shards_are_read(tmp_path):
     assert item["caption"] == "prompt 1"
     # row 1 has label_1 = 1, so the winner is the blue jpg_1
     assert item["pixels_w"][2].mean() > 0.9 and item["pixels_w"][0].mean() < -0.9
+
+
+def test_generate_help_lists_every_flag_it_accepts(capsys):
+    """`diffalign generate` hands any user flag to `diffalign personalize`, so its --help lists all of them too."""
+    import re
+
+    def options(command):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", capsys.readouterr().out))
+
+    generate, personalize = options("generate"), options("personalize")
+    assert {"--user-examples", "--user-mix", "--user", "--mix-space", "--user-scale", "--branch"} <= generate
+    assert personalize <= generate, sorted(personalize - generate)
