@@ -91,8 +91,10 @@ class SemiPolicyTrainer(PreferenceTrainer):
         x0 = torch.cat([x_w, x_r.to(x_w.dtype)])  # (2B, ...): [winners; reference samples]
         t, noise = pair_timesteps_and_noise(x0, c.noise_scheduler.config.num_train_timesteps,
                                             share=self.config.share_noise, generator=self.generator)
-        errors = preference_errors(self.policy, c.noise_scheduler, x0, cond.repeat(2), reference=self.reference,
-                                   t=t, noise=noise, weighting=self.config.weighting, snr_gamma=self.config.snr_gamma)
+        # Sampling used the real prompts; training conditions like every recipe (prompt dropout included).
+        errors = preference_errors(self.policy, c.noise_scheduler, x0, self.condition(batch),
+                                   reference=self.reference, t=t, noise=noise, weighting=self.config.weighting,
+                                   snr_gamma=self.config.snr_gamma)
         return self.objective(errors)
 
     def checkpoint_extras(self):

@@ -94,3 +94,24 @@ def test_seppo_trains_resumes_and_keeps_pool(tiny_sd15_dir, pickapic_dir, tmp_pa
     a = load_file(str(tmp_path / "full" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "crash" / "pytorch_lora_weights.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_seppo_trains_on_the_shared_condition_with_prompt_dropout(tiny_sd15_dir, pickapic_dir, tmp_path):
+    """proportion_empty_prompts=1: the reference sample is drawn for the real prompt, but the policy and the
+    reference are scored under the empty prompt, as in every recipe (it was ignored before)."""
+    cfg = seppo_cfg(tiny_sd15_dir, pickapic_dir, tmp_path / "run", max_steps=1, checkpoint_every=None,
+                    **{"dataset.proportion_empty_prompts": 1.0})
+    tr = trainer_class(cfg)(cfg).setup()
+    seen = []
+    tr.accelerator.unwrap_model(tr.unet).register_forward_pre_hook(
+        lambda m, a, kw: seen.append((torch.is_grad_enabled(), a[2].clone() if len(a) > 2 else
+                                      kw["encoder_hidden_states"].clone())), with_kwargs=True)
+    tr.train()
+    with torch.no_grad():
+        empty = tr.encode_text([""])["encoder_hidden_states"][0]
+    scored = [h for grad, h in seen[-2:]]  # the policy call, then the reference call
+    assert [g for g, _ in seen[-2:]] == [True, False]
+    assert all(torch.equal(row, empty) for h in scored for row in h)
+    sampled = seen[0][1]  # a sampling call: CFG batch of the real prompts and the empty one
+    assert not all(torch.equal(row, empty) for row in sampled)
+    tr.cleanup()
