@@ -13,8 +13,9 @@ Sources (``dataset.source``):
 Pick-a-Pic rows are ``caption, jpg_0, jpg_1, label_0, label_1``: ``label_0 = 1`` means image 0 won,
 ``0.5/0.5`` is a tie (dropped by default, as the official code does; ``keep_ties`` trains them as the SFT-free
 'image 0 wins' the diffusers example silently uses — not recommended). Rows with NaN or out-of-range labels
-are dropped and counted. Each item is decoded lazily; an unreadable or missing image makes the item ``None``:
-the collate function drops it and counts it, so a bad file never stops a run and is never trained on.
+are dropped and counted. Each item is decoded lazily; an unreadable or missing image makes the item
+``{"unreadable": index, "reason": ...}``: the collate function drops it and lists it, so a bad file is never
+trained on (the trainer counts it, and stops when too few pairs can be read).
 """
 
 from __future__ import annotations

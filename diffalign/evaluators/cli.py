@@ -342,13 +342,9 @@ def _open_rgb(path: Path):
 
 
 # --------------------------------------------------------------------------------------------------------------- CLI
-def _metric_names() -> list[str]:
+def build_parser() -> argparse.ArgumentParser:
     from . import available
 
-    return available()
-
-
-def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="diffalign eval",
         description="Score images with reward models (PickScore, HPSv2/v2.1, ImageReward, CLIP score, aesthetic, "
@@ -398,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metric",
         action="append",
         default=None,
-        help=f"NAME or NAME=WEIGHTS (repeatable); NAME in {', '.join(_metric_names())}; default "
+        help=f"NAME or NAME=WEIGHTS (repeatable); NAME in {', '.join(available())}; default "
         f"{','.join(DEFAULT_METRICS)}. 'toy' is the toy world's oracle reward: no weights, offline, only meaningful "
         "on toy-world images and captions",
     )

@@ -171,7 +171,6 @@ class PreferenceTrainer:
             unet.enable_gradient_checkpointing()
 
         self.objective, spec = build_objective(cfg.objective.name, cfg.objective.params)
-        self.spec = spec
         self.noise_provider = spec.noise_provider(cfg.objective.params) if spec.noise_provider else None
         self.configure_model(unet)
         unet.train()
@@ -527,8 +526,7 @@ class PreferenceTrainer:
             with open(self.output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    # ------------------------------------------------------------------ hooks for recipes that extend
-    # the loop
+    # ----------------------------------------------------------- hooks for recipes that extend the loop
     def after_step(self):
         """Called after every optimizer step (e.g. SePPO adds a reference snapshot)."""
 
@@ -560,11 +558,11 @@ class PreferenceTrainer:
         if not acc.is_main_process:
             return
         state = {
-            "step": self.step, "epoch": self.epoch, "position": self.position,
+            "step": self.step, "epoch": self.epoch,
             "num_skipped": self.num_skipped, "nonfinite_skipped": self.nonfinite_skipped,
             "unreadable": dict(self.unreadable),
             "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-            "rng": ranks[0]["rng"], "ranks": ranks,
+            "ranks": ranks,  # per process: RNG states and data position
         }
         extra_tensors, extra_meta = self.checkpoint_extras()
         state["extras"] = extra_meta
@@ -612,10 +610,11 @@ class PreferenceTrainer:
                 params[n].copy_(w)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.step, self.epoch = state["step"], state["epoch"]
         self.num_skipped = state["num_skipped"]
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         self.unreadable = dict(state.get("unreadable", {}))
+        # checkpoints from before per-process state held rank 0's alone
         ranks = state.get("ranks") or [{"rng": state["rng"], "position": state["position"]}]
         acc = self.accelerator
         if len(ranks) != acc.num_processes:
