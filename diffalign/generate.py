@@ -8,39 +8,7 @@ from pathlib import Path
 
 import torch
 
-
-def load_pipeline(model: str, lora: str | None = None, device: str | None = None, dtype: str = "float32"):
-    """Any diffusers text-to-image pipeline by id or folder, with a diffalign LoRA loaded when given."""
-    import diffusers
-    from diffusers import DiffusionPipeline
-    from packaging.version import Version
-
-    from .models.loading import ModelNotFoundError
-
-    # diffusers 0.36 renamed ``torch_dtype`` to ``dtype``; older releases know only the former.
-    key = "dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype"
-    try:
-        pipe = DiffusionPipeline.from_pretrained(model, **{key: getattr(torch, dtype)})
-    except (OSError, ValueError) as err:
-        raise ModelNotFoundError(f"could not load pipeline {model!r}: {str(err).splitlines()[0]}") from None
-    if lora:
-        from .models.lora import load_lora_into_pipeline
-
-        load_lora_into_pipeline(pipe, lora)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def generate(pipe, prompts: list[str], seeds: list[int], **kwargs):
-    """One image per (prompt, seed), each from its own ``torch.Generator(seed)`` so images do not depend on batching."""
-    images = []
-    for prompt, seed in zip(prompts, seeds):
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        images.append(pipe(prompt, generator=g, **kwargs).images[0])
-    return images
-
-
+from .inference import generate, load_pipeline  # noqa: F401  (re-exported: diffalign.generate.load_pipeline)
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:

@@ -69,26 +69,10 @@ def tiny_components(family: str = "sd15", seed: int = 0, prediction_type: str = 
     return Components(family, unet, _vae(), te, tokenizer, scheduler, source=f"tiny-{family}")
 
 
-def tiny_pipeline(components: Components):
-    """A diffusers pipeline (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``) over the components."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    sched = DDIMScheduler.from_config(components.noise_scheduler.config)
-    if components.is_sdxl:
-        return StableDiffusionXLPipeline(
-            vae=components.vae, text_encoder=components.text_encoder, text_encoder_2=components.text_encoder_2,
-            tokenizer=components.tokenizer, tokenizer_2=components.tokenizer_2, unet=components.unet,
-            scheduler=sched,
-        )
-    return StableDiffusionPipeline(
-        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-        unet=components.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 def save_tiny_pipeline(path, family: str = "sd15", seed: int = 0, prediction_type: str = "epsilon") -> str:
     """Write a random tiny pipeline folder at ``path`` and return it as a string."""
-    pipe = tiny_pipeline(tiny_components(family, seed, prediction_type))
+    from ..inference import pipeline_from_components
+
+    pipe = pipeline_from_components(tiny_components(family, seed, prediction_type))
     pipe.save_pretrained(str(path), safe_serialization=True)
     return str(path)

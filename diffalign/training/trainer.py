@@ -647,12 +647,12 @@ class PreferenceTrainer:
     # ------------------------------------------------------------------ validation images
     def pipeline(self):
         """A diffusers pipeline over the current (unwrapped) policy, for validation and demos."""
-        from ..models.tiny import tiny_pipeline
+        from ..inference import pipeline_from_components
 
         c = self.components
         view = Components(c.family, self.accelerator.unwrap_model(self.unet), c.vae, c.text_encoder,
                           c.tokenizer, c.noise_scheduler, c.text_encoder_2, c.tokenizer_2, c.source)
-        return tiny_pipeline(view)
+        return pipeline_from_components(view)
 
     def validate(self):
         from .images import save_grid
