@@ -1,10 +1,14 @@
 import io
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# fixtures live in tests/fixtures (not in the library): `import fixtures.<module>` from any test
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 from diffalign.testing import base_config, write_pickapic_parquet  # noqa: F401
