@@ -17,7 +17,7 @@ import torch
 
 from .measure import PhasePeak, loadavg, median, memory_guard, peak_rss_gib, sync, timed, trim_memory
 from .strategies import DiffusersStep, OfficialStep, OursStep
-from .worlds import build_world
+from .worlds import build_world, fixture_module
 
 STRATEGY_PHASES = ("official", "diffusers", "ours_first_epoch", "ours_cached")
 
@@ -537,14 +537,14 @@ def job_epochs(world: str, workdir: str, num_pairs: int, epochs: int, random_fli
 # ------------------------------------------------------------------ evaluators (tiny scorers)
 def job_evaluators(workdir: str, names: list[str], batch_sizes: list[int], num_images: int, reps: int,
                    device: str = "cpu", image_size: int = 512) -> dict:
-    """Images/s of each scorer at each batch size, on the *tiny* random-weight scorer configs of
-    ``diffalign.evaluators.tiny`` (real architectures' code paths and preprocessing, toy widths)."""
+    """Images/s of each scorer at each batch size, on the *tiny* random-weight scorers of the test fixtures
+    (``tests/fixtures/tiny_scorers.py``: real architectures' code paths and preprocessing, toy widths)."""
     import numpy as np
     from PIL import Image
 
     from diffalign.evaluators import load
-    from diffalign.evaluators.tiny import save_tiny_scorer
 
+    save_tiny_scorer = fixture_module("tiny_scorers").save_tiny_scorer
     workdir = Path(workdir)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((image_size, image_size))
@@ -570,7 +570,7 @@ def job_evaluators(workdir: str, names: list[str], batch_sizes: list[int], num_i
                 sync(device)
                 times.append(time.perf_counter() - start)
             med = median(times)
-            rows.append({"scorer": name, "weights": "tiny (random, diffalign.evaluators.tiny)", "batch_size": bs,
-                         "images": num_images, "image_size": image_size, "median_s": med,
+            rows.append({"scorer": name, "weights": "tiny (random, tests/fixtures/tiny_scorers.py)",
+                         "batch_size": bs, "images": num_images, "image_size": image_size, "median_s": med,
                          "images_per_s": num_images / med if med else None, "status": "ok"})
     return {"evaluators": rows, "loadavg": loadavg()}

@@ -10,11 +10,11 @@ strategy       what one step does
 ``diffusers``  huggingface/diffusers ``examples/research_projects/diffusion_dpo/train_diffusion_dpo.py``
                @ 58eb52c: LoRA r=8 on to_q/k/v/out.0, reference = the same U-Net after ``disable_adapters()``
                under no_grad, winner+loser batched, VAE encode (chunks of 8) + text encode every step.
-``ours``       ``diffalign.training.PreferenceTrainer``: the body of ``train()``'s loop around
-               ``compute_loss`` (dataset item -> ``collate_pairs`` -> ``encode_latents``/``condition`` with the
-               latent/text cache -> ``preference_errors`` -> objective -> backward -> finite check -> clip ->
-               step). LoRA r=8, reference = adapters disabled under no_grad, one policy call on the 2B batch.
-               A step over pairs never seen is a cache miss (first epoch); over seen pairs a hit (epoch 2+).
+``ours``       ``diffalign.training.PreferenceTrainer.training_step``, the step ``train()`` calls (dataset item ->
+               ``collate_pairs`` -> ``inputs`` (latents and condition, with the latent/text cache) -> ``noise`` ->
+               ``errors`` -> objective -> backward -> finite check -> clip -> step). LoRA r=8, reference =
+               adapters disabled under no_grad, one policy call on the 2B batch. A step over pairs never seen
+               is a cache miss (first epoch); over seen pairs a hit (epoch 2+).
 =============  ===========================================================================================
 
 The two baselines are re-implementations of the scripts' loop bodies (quoted line for line where it matters:
@@ -265,37 +265,15 @@ class OursStep:
         return self.trainer.unet
 
     def step(self, indices) -> float:
-        """The loop body of ``PreferenceTrainer.train`` for one batch (no logging/checkpoint I/O).
-
-        Uses ``PreferenceTrainer.training_step`` when the trainer has it (the patch proposed with this bench moves
-        the loop body there); otherwise the same lines, copied from ``train()``.
-        """
+        """:meth:`PreferenceTrainer.training_step` on one batch (loss, backward, clip, optimizer step), then the
+        learning-rate step ``train()`` takes after it; no logging or checkpoint I/O. The bf16 ablation runs the
+        whole step under ``torch.autocast``."""
         tr = self.trainer
-        acc, cfg = tr.accelerator, tr.config
         batch = collate_pairs([tr.dataset[i] for i in indices])  # DataLoader(num_workers=0) does exactly this
-        if hasattr(tr, "training_step") and self.autocast is None:
-            tr.training_step(batch)
-            loss = tr._window[-1]["loss"]
-            tr._window, tr._bad_window = [], False
-        else:
-            bad = False
-            with acc.accumulate(tr.unet):
-                with torch.autocast(acc.device.type, dtype=self.autocast or torch.bfloat16,
-                                    enabled=self.autocast is not None):
-                    out = tr.compute_loss(batch)
-                if torch.isfinite(out.loss):
-                    acc.backward(out.loss)
-                else:
-                    bad = True
-                loss = {"loss": out.loss.item(), **out.metrics}["loss"]
-                if acc.sync_gradients:
-                    if not bad and not tr._grads_finite():
-                        bad = True
-                    if not bad:
-                        if cfg.optimizer.max_grad_norm:
-                            acc.clip_grad_norm_(tr.unet.parameters(), cfg.optimizer.max_grad_norm)
-                        tr.optimizer.step()
-                    tr.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(tr.accelerator.device.type, dtype=self.autocast or torch.bfloat16,
+                            enabled=self.autocast is not None):
+            out = tr.training_step(batch)
+        tr.window, tr.bad_window = [], False
         tr.lr_scheduler.step()
         self.seen.update(indices)
-        return loss
+        return out.loss.item()

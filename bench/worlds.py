@@ -4,11 +4,14 @@ preference data they train on.
 =========  ==================================================================================================
 world      what it is
 =========  ==================================================================================================
-``toy``    ``assets/toy-sd`` (+ ``assets/toy-pairs``) when present, else ``diffalign.models.tiny`` (32 px images,
-           4x16x16 latents); 8 pairs per step
+``toy``    ``assets/toy-sd`` (+ ``assets/toy-pairs``) when present, else random-weight tiny components from
+           the test fixtures (``tests/fixtures/tiny_models.py``: 32 px, 4x16x16 latents); 8 pairs per step
 ``sd15``   SD1.5-shaped: U-Net (320, 640, 1280, 1280) 859.5 M params, VAE (128, 256, 512, 512) 83.7 M, CLIP-L-shaped
            text encoder (768 hidden, 12 layers) 123.1 M; 512 px images, 4x64x64 latents, 77 tokens; 1 pair per step
 =========  ==================================================================================================
+
+The tiny scorers of the ``evaluators`` section are test fixtures too (``tests/fixtures/tiny_scorers.py``):
+:func:`fixture_module` puts ``tests/`` on ``sys.path`` to import them.
 
 Every strategy of the bench reads the same rows of the same Pick-a-Pic-schema parquet (``caption, jpg_0, jpg_1,
 label_0, label_1``, no ties), written here with smooth random JPEG images at the world's resolution.
@@ -17,7 +20,9 @@ label_0, label_1``, no ties), written here with smooth random JPEG images at the
 from __future__ import annotations
 
 import copy
+import importlib
 import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +33,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TOY_SD = REPO_ROOT / "assets" / "toy-sd"
 TOY_PAIRS = REPO_ROOT / "assets" / "toy-pairs"
 WORLDS = ("toy", "sd15")
+
+
+def fixture_module(name: str):
+    """``tests/fixtures/<name>.py`` (random-weight models and scorers live with the tests, not the library)."""
+    tests = str(REPO_ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    return importlib.import_module(f"fixtures.{name}")
+
 
 # SD1.5 configs (stable-diffusion-v1-5 unet/vae/text_encoder config.json, written out so nothing is downloaded).
 SD15_UNET = dict(
@@ -134,9 +148,8 @@ def toy_components(seed: int = 0, workdir: Path | None = None):
     committed = _committed_toy_sd(workdir) if workdir is not None else None
     if committed is not None:
         return load_components(str(committed[0]), family="sd15"), committed[1]
-    from diffalign.models.tiny import tiny_components
-
-    return tiny_components("sd15", seed=seed), "diffalign.models.tiny.tiny_components('sd15')"
+    tiny_components = fixture_module("tiny_models").tiny_components
+    return tiny_components("sd15", seed=seed), "tests/fixtures/tiny_models.py: tiny_components('sd15')"
 
 
 def _smooth_image(rng: np.random.Generator, size: int):

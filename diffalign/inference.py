@@ -2,10 +2,13 @@
 
 Every command that makes images (``generate``, ``personalize``, ``eval --model``, ``demo``, the toy worlds, the
 trainer's validation) goes through this module. Seed rule: image ``i`` comes from its own
-``torch.Generator("cpu").manual_seed(seeds[i])``, so an image does not depend on batching or on the device.
+``torch.Generator("cpu").manual_seed(seeds[i])``, so an image depends on its prompt and seed, not on the other images
+of its batch or on the device (up to the rounding of batched kernels: one uint8 level between batch sizes).
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 
@@ -28,21 +31,30 @@ def pipeline_from_components(components):
     )
 
 
+def load_pipeline(model: str, lora: str | None = None, device: str | None = None,
+                  dtype: str | torch.dtype = "float32", unet: str | None = None):
+    """Any diffusers text-to-image pipeline by hub id or folder, progress bar off, on ``device`` (default: cuda when
+    available).
 
-def load_pipeline(model: str, lora: str | None = None, device: str | None = None, dtype: str = "float32"):
-    """Any diffusers text-to-image pipeline by id or folder, with a diffalign LoRA loaded when given."""
+    ``unet``: a U-Net (hub id or folder with a ``unet/`` subfolder, e.g. ``mhdang/dpo-sd1.5-text2image-v1``) in place
+    of the model's; ``lora``: a diffalign LoRA folder loaded on top; ``dtype``: a ``torch.dtype`` or its name. A model
+    or U-Net that cannot be loaded raises :class:`~diffalign.models.ModelNotFoundError` (one line).
+    """
     import diffusers
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
     from packaging.version import Version
 
     from .models.loading import ModelNotFoundError
 
     # diffusers 0.36 renamed ``torch_dtype`` to ``dtype``; older releases know only the former.
     key = "dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype"
+    dtype = {key: getattr(torch, dtype) if isinstance(dtype, str) else dtype}
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, **{key: getattr(torch, dtype)})
+        parts = {} if unet is None else {"unet": UNet2DConditionModel.from_pretrained(unet, subfolder="unet", **dtype)}
+        pipe = DiffusionPipeline.from_pretrained(model, **dtype, **parts)
     except (OSError, ValueError) as err:
-        raise ModelNotFoundError(f"could not load pipeline {model!r}: {str(err).splitlines()[0]}") from None
+        what = f"pipeline {model!r}" + (f" with U-Net {unet!r}" if unet else "")
+        raise ModelNotFoundError(f"could not load {what}: {str(err).strip().splitlines()[0]}") from None
     if lora:
         from .models.lora import load_lora_into_pipeline
 
@@ -52,10 +64,23 @@ def load_pipeline(model: str, lora: str | None = None, device: str | None = None
     return pipe.to(device)
 
 
-def generate(pipe, prompts: list[str], seeds: list[int], **kwargs):
-    """One image per (prompt, seed), each from its own ``torch.Generator(seed)`` so images do not depend on batching."""
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seeds: list[int], *, batch_size: int = 1, hook=None, **kwargs) -> list:
+    """One image per (prompt, seed) (PIL unless ``output_type`` says otherwise), in pipeline calls of ``batch_size``
+    prompts.
+
+    Seed rule: image ``i`` comes from its own ``torch.Generator("cpu").manual_seed(seeds[i])`` (module doc).
+    ``kwargs`` go to every pipeline call (``num_inference_steps``, ``guidance_scale``, ``height``, ...).
+    ``hook(call)``, given the keyword arguments of one call (``prompt``, ``generator``, ``kwargs``), returns a context
+    manager entered around that call whose value is a dict of extra keyword arguments for it (e.g. the PPD user
+    tokens sized for the batch: :func:`diffalign.personalization.cli.serve_users`).
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts for {len(seeds)} seeds")
     images = []
-    for prompt, seed in zip(prompts, seeds):
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        images.append(pipe(prompt, generator=g, **kwargs).images[0])
+    for i in range(0, len(prompts), batch_size):
+        call = {"prompt": list(prompts[i:i + batch_size]),
+                "generator": [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i:i + batch_size]], **kwargs}
+        with hook(call) if hook else nullcontext({}) as extra:
+            images.extend(pipe(**call, **extra).images)
     return images

@@ -55,6 +55,7 @@ T_SEPPO = "tests/core/test_seppo.py"
 T_DCPO = "tests/core/test_dcpo.py"
 T_INPO = "tests/core/test_inpo.py"
 T_NOISE = "tests/core/test_noise_sharing.py"
+T_FLOW = "tests/core/test_flow_likelihood.py"
 T_PPD = ("tests/personalization/test_objective.py", "tests/personalization/test_attention.py",
          "tests/personalization/test_trainer.py::test_branch_only_run",
          "tests/personalization/test_trainer.py::test_lora_and_branch_train_and_dropout")
@@ -89,6 +90,10 @@ MUTATIONS: list[Mutation] = [
     m("reference-wrong-timestep", LIK, "ref_err = w * per_sample_error(reference(x_t, t, cond), target)",
       "ref_err = w * per_sample_error(reference(x_t, (t + 1).clamp(max=999), cond), target)", [T_LIK],
       "reference evaluated at a different timestep than the policy"),
+    m("flow-sigma-swapped", LIK, "x_t = (1.0 - sigma) * x0f + sigma * nf", "x_t = sigma * x0f + (1.0 - sigma) * nf",
+      [T_FLOW], "rectified flow mixes x0 with σ and ε with 1 − σ (time reversed)"),
+    m("flow-target-sign", LIK, "return x_t.to(x0.dtype), nf - x0f", "return x_t.to(x0.dtype), x0f - nf", [T_FLOW],
+      "rectified-flow velocity target x0 − ε instead of ε − x0"),
     # ---------------------------------------------------------------- Diffusion-DPO
     m("dpo-sign", "diffalign/objectives/dpo.py",
       "return -0.5 * beta * ((model_w - ref_w) - (model_l - ref_l))",
@@ -149,7 +154,7 @@ MUTATIONS: list[Mutation] = [
     m("dcpo-captions-swapped", "diffalign/data/pairs.py", "return c, self.word_swap(c, rng)",
       "return self.word_swap(c, rng), c", [T_DCPO], "word_swap conditions the winner, not the loser"),
     # ---------------------------------------------------------------- InPO inversion
-    m("inpo-noise-at-level", "diffalign/objectives/inpo.py",
+    m("inpo-noise-at-level", "diffalign/training/inpo.py",
       "return t, implied_noise(scheduler, x0_pairs, x_inv, t).to(x0_pairs.dtype)",
       "return t, implied_noise(scheduler, x0_pairs, x_inv, level).to(x0_pairs.dtype)", [T_INPO],
       "official mode back-solves the noise at the inverted level L(t) instead of t"),
@@ -164,17 +169,15 @@ MUTATIONS: list[Mutation] = [
       "eps = denoiser(x.to(x0.dtype), torch.full_like(t, max(k, 0)), cond).float()",
       "eps = denoiser(x.to(x0.dtype), torch.full_like(t, max(k - 1, 0)), cond).float()", [T_INPO],
       "inversion calls the U-Net one step off the level it is at"),
-    m("inpo-loser-own-t", "diffalign/objectives/inpo.py",
+    m("inpo-loser-own-t", "diffalign/training/inpo.py",
       "t = sample_timesteps(half, scheduler.config.num_train_timesteps, generator=generator).repeat(2)",
       "t = sample_timesteps(2 * half, scheduler.config.num_train_timesteps, generator=generator)", [T_INPO],
       "InPO winner and loser inverted to different t"),
     # ---------------------------------------------------------------- recipes: noise sharing
     m("trainer-independent-noise", "diffalign/training/trainer.py",
-      "latents, self.components.noise_scheduler.config.num_train_timesteps, share=cfg.share_noise,",
-      "latents, self.components.noise_scheduler.config.num_train_timesteps, share=False,", [T_NOISE],
-      "the trainer draws independent noise for winner and loser while `share_noise` is on"),
-    m("seppo-independent-noise", "diffalign/training/semi_policy.py", "share=self.config.share_noise",
-      "share=False", [T_NOISE], "SePPO's recipe ignores `share_noise`"),
+      "x0_pairs, self.components.noise_scheduler.config.num_train_timesteps, share=self.config.share_noise,",
+      "x0_pairs, self.components.noise_scheduler.config.num_train_timesteps, share=False,", [T_NOISE],
+      "the trainer (every recipe but InPO's) draws independent noise for winner and loser while `share_noise` is on"),
     # ---------------------------------------------------------------- PPD branch
     m("ppd-reference-sees-user", "diffalign/personalization/trainer.py",
       "return self.inner(x_t, t, without_user(cond))", "return self.inner(x_t, t, cond)", T_PPD,

@@ -4,7 +4,7 @@
     python scripts/ppd_toy_table.py --quick --out /tmp/ppd-quick   # smoke run, ~1-2 min
 
 1. Base model: ``assets/toy-sd-ppd`` (the shapes world with free colours, cross-attention at 8x8 too) when present,
-   else ``assets/toy-sd``, else a random tiny SD pipeline (numbers are then only a smoke test).
+   else ``assets/toy-sd``.
 2. Data: ``--pool`` pairs of base samples on the TRAIN prompts; each of the four training users (light, warm, dark,
    cold; :mod:`diffalign.personalization.toy`), or with ``--train-every 30`` twelve, labels every pair with their own
    reward: opposite users give opposite labels to the same pair. A Pick-a-Pic-schema parquet with ``user_id``.
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/ppd-toy")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", help="base pipeline folder (default: assets/toy-sd, else a random tiny one)")
+    p.add_argument("--model", help="base pipeline folder (default: assets/toy-sd-ppd, else assets/toy-sd)")
     p.add_argument("--quick", action="store_true", help="tiny settings: checks the script runs, numbers meaningless")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="training overrides on top of configs/toy_ppd.yaml, e.g. objective.example_sets=16")
@@ -90,14 +90,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from diffalign.inference import generate, load_pipeline
     from diffalign.personalization import build_user_encoder, load_user_branch, save_examples, user_tokens
-    from diffalign.personalization.cli import generate_with_users
+    from diffalign.personalization.cli import serve_users
     from diffalign.personalization.io import load_user_embeddings
     from diffalign.personalization.toy import (
-        GENERATION, HELDOUT_USERS, TRAIN_USERS, label_pairs, load_pipeline, sample_pairs, toy_base_model,
-        toy_prompts, training_users, user_examples, write_pairs,
+        GENERATION, HELDOUT_USERS, TRAIN_USERS, label_pairs, sample_pairs, toy_base_model, toy_prompts,
+        training_users, user_examples, write_pairs,
     )
     from diffalign.personalization.trainer import PersonalizedTrainer
+    from diffalign.toy.components import DEFAULT_BATCH_SIZE
+    from diffalign.toy.oracle import caption_match
     from diffalign.training.config import load_config
 
     o = dict(QUICK if args.quick else FULL)
@@ -111,12 +114,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.time(), time.process_time()
     timings = {}
-    model, is_toy = (args.model, True) if args.model else toy_base_model(out)
-    if not is_toy:
-        print("ppd_toy_table: assets/toy-sd not found; using a RANDOM tiny SD pipeline (smoke test only)",
-              file=sys.stderr)
+    model = args.model or toy_base_model()
     train_prompts, eval_prompts = toy_prompts()
-    pipe = load_pipeline(model)
+    pipe = load_pipeline(model, device="cpu")
 
     # 1-2. pairs labelled by every training user; every served user's examples from fresh base pairs of their own
     pool = sample_pairs(pipe, train_prompts, o["pool"], seed=args.seed)
@@ -152,7 +152,6 @@ def main(argv=None) -> int:
     from diffalign.models.lora import LORA_WEIGHT_NAME
     from diffalign.personalization import load_examples
 
-    pipe = load_pipeline(model)
     prompts = [pr for pr in eval_prompts for _ in range(o["eval_seeds"])]
     seeds = [10_000_000 + 1000 * args.seed + k for k in range(len(prompts))]
     users = list(TRAIN_USERS) + list(HELDOUT_USERS)
@@ -163,25 +162,18 @@ def main(argv=None) -> int:
         images = [None] * len(prompts)
         for d, mix in enumerate(mixtures):
             idx = list(range(d, len(prompts), len(mixtures)))
-            made = generate_with_users(pipe, [prompts[i] for i in idx], [seeds[i] for i in idx], mixture=mix,
-                                       space=space, cond_only=args.cond_only, user_scale=args.user_scale,
-                                       **GENERATION)
+            hook = serve_users(pipe, mix, space=space, cond_only=args.cond_only, user_scale=args.user_scale)
+            made = generate(pipe, [prompts[i] for i in idx], [seeds[i] for i in idx], batch_size=DEFAULT_BATCH_SIZE,
+                            hook=hook, **GENERATION)
             for i, im in zip(idx, made):
                 images[i] = im
         r = {u.name: u.reward(images) for u in users}
-        if is_toy:
-            try:
-                from diffalign.toy.oracle import caption_match
-
-                r["caption_match"] = caption_match(images, prompts)
-            except ImportError:
-                pass
+        r["caption_match"] = caption_match(images, prompts)
         return r
 
     columns = {BASE: score()}  # the base model itself: no LoRA, no branch
     has_lora = (run / LORA_WEIGHT_NAME).is_file()
-    if has_lora:
-        pipe.load_lora_weights(str(run), weight_name=LORA_WEIGHT_NAME)
+    pipe = load_pipeline(model, str(run) if has_lora else None, device="cpu")
     spec = load_user_branch(pipe.unet, run)
     table, _ = load_user_embeddings(run)
     encoder = build_user_encoder(spec.encoder)
@@ -232,9 +224,8 @@ def main(argv=None) -> int:
             "own_minus_best_other_se_draws": paired_se(own, others[rival], o["draws"]),
             "own_is_best": bool(own.mean() > max(v.mean() for v in others.values())),
         }
-    if "caption_match" in columns[BASE]:
-        match = " | ".join(f"{columns[c]['caption_match'].mean():.2f}" for c in col_names)
-        lines.append(f"| caption match (toy oracle) | {match} |")
+    match = " | ".join(f"{columns[c]['caption_match'].mean():.2f}" for c in col_names)
+    lines.append(f"| caption match (toy oracle) | {match} |")
     table_md = "\n".join(lines)
     ilines = [f"| α (0 = {a_user}, 1 = {b_user}) | " + " | ".join(f"{a:g}" for a in ALPHAS) + " |",
               "|---" * (len(ALPHAS) + 1) + "|"]
@@ -249,7 +240,7 @@ def main(argv=None) -> int:
     results = {
         "seed": args.seed, "quick": args.quick, "tie_margin": args.tie_margin, "serve": args.serve,
         "train_every": args.train_every, "user_scale": args.user_scale, "cond_only": args.cond_only,
-        "reused_run": args.reuse_run, "base_model": model, "base_is_toy": is_toy, "settings": o,
+        "reused_run": args.reuse_run, "base_model": model, "settings": o,
         "config": cfg.to_dict(),
         "generation": GENERATION, "eval_prompts": eval_prompts, "eval_seeds": [seeds[0], seeds[-1]],
         "n_eval_images_per_column": len(prompts), "train_rows_per_user": {u.name: cols["user_id"].count(u.name)
@@ -267,7 +258,7 @@ def main(argv=None) -> int:
             f"{'every user' if args.serve == 'fresh' else 'held-out users'} served from {o['examples']} fresh "
             f"examples, averaged over {o['draws']} disjoint draws; "
             f"tie margin {args.tie_margin:g}; "
-            f"base {os.path.relpath(model) if is_toy else 'RANDOM tiny model'}; "
+            f"base {os.path.relpath(model)}; "
             f"wall time {timings['total_s']:.0f} s, CPU time {timings['cpu_s']:.0f} s "
             f"({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})\n")
     (out / "table.md").write_text(text)

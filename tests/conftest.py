@@ -1,4 +1,3 @@
-import io
 import os
 import sys
 from pathlib import Path
@@ -10,20 +9,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # fixtures live in tests/fixtures (not in the library): `import fixtures.<module>` from any test
 sys.path.insert(0, str(Path(__file__).parent))
 
-
-from diffalign.testing import base_config, write_pickapic_parquet  # noqa: F401
+from fixtures.data import write_pickapic_parquet
 
 
 @pytest.fixture(scope="session")
 def tiny_sd15_dir(tmp_path_factory):
-    from diffalign.models.tiny import save_tiny_pipeline
+    from fixtures.tiny_models import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd15", "sd15")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory):
-    from diffalign.models.tiny import save_tiny_pipeline
+    from fixtures.tiny_models import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", "sdxl")
 

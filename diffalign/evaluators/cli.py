@@ -216,41 +216,23 @@ def generate(
 ) -> list[dict]:
     """Generate one image per (prompt, seed) into ``out_dir``; return items like :func:`folder_items`.
 
-    ``unet``: a diffusers UNet (hub id or dir with a ``unet/`` subfolder, e.g. the released Diffusion-DPO
-    ``mhdang/dpo-sd1.5-text2image-v1``) swapped into the pipeline; ``lora``: LoRA weights loaded on top."""
-    import torch
-    from diffusers import DiffusionPipeline
+    Seed rule (module doc): image (prompt i, seed s) from its own ``torch.Generator("cpu").manual_seed(1_000_000 * s +
+    i)`` (:func:`diffalign.inference.generate`), ``args.gen_batch_size`` images per pipeline call. ``unet``: a diffusers
+    UNet (hub id or dir with a ``unet/`` subfolder, e.g. the released Diffusion-DPO ``mhdang/dpo-sd1.5-text2image-v1``)
+    in place of the model's; ``lora``: LoRA weights loaded on top."""
     from tqdm.auto import tqdm
 
+    from ..inference import generate as generate_images
+    from ..inference import load_pipeline
     from .base import parse_dtype
 
-    dtype = parse_dtype(args.dtype)
-    # fp32 is every pipeline's default; pass a dtype only when asked (the keyword's name varies across diffusers).
-    try:
-        pipe = DiffusionPipeline.from_pretrained(
-            model, **({} if dtype == torch.float32 else {"torch_dtype": dtype})
-        )
-    except OSError as exc:  # missing locally and not downloadable
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot load pipeline {model!r}: {first[:300]}") from None
+    pipe = load_pipeline(model, lora, args.device, parse_dtype(args.dtype), unet=unet)
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # scoring needs the raw samples
-    if unet:
-        from diffusers import UNet2DConditionModel
-
-        pipe.unet = UNet2DConditionModel.from_pretrained(
-            unet, subfolder="unet", **({} if dtype == torch.float32 else {"torch_dtype": dtype})
-        )
-    if lora:
-        from ..models.lora import load_lora_into_pipeline
-
-        load_lora_into_pipeline(pipe, lora)  # checks the layers first; no text-encoder warning
-    pipe = pipe.to(args.device)
-    pipe.set_progress_bar_config(disable=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(i, s) for s in seeds for i in range(len(prompts))]
     items = []
-    extra = {}
+    extra = {"num_inference_steps": args.steps}
     if args.height:
         extra["height"] = args.height
     if args.width:
@@ -264,11 +246,10 @@ def generate(
     )
     for start in range(0, len(jobs), args.gen_batch_size):
         chunk = jobs[start : start + args.gen_batch_size]
-        gens = [torch.Generator("cpu").manual_seed(1_000_000 * s + i) for i, s in chunk]
-        result = pipe(
-            prompt=[prompts[i] for i, _ in chunk], generator=gens, num_inference_steps=args.steps, **extra
+        images = generate_images(
+            pipe, [prompts[i] for i, _ in chunk], [1_000_000 * s + i for i, s in chunk], batch_size=len(chunk), **extra
         )
-        for (i, s), image in zip(chunk, result.images):
+        for (i, s), image in zip(chunk, images):
             key = f"{i:05d}_s{s}"
             path = out_dir / f"{key}.png"
             image.save(path)
@@ -500,11 +481,12 @@ def _describe(images, model, unet, lora) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from ..models.loading import ModelNotFoundError
     from ..models.lora import LoRAMismatchError
 
     try:
         summary = run(args)
-    except (WeightsNotFoundError, UsageError, LoRAMismatchError, FileNotFoundError) as exc:
+    except (WeightsNotFoundError, UsageError, ModelNotFoundError, LoRAMismatchError, FileNotFoundError) as exc:
         print(f"diffalign eval: error: {exc}", file=sys.stderr)
         return 2
     for metric, per_model in summary["metrics"].items():

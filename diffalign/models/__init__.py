@@ -1,18 +1,36 @@
-"""Models: loading SD-family components, text conditioning, denoiser wrappers, references, LoRA."""
+"""Models: loading SD-family and SD3/FLUX components, text conditioning, denoisers, references, LoRA."""
 
 from .denoiser import (
+    FLUX_GUIDANCE_SCALE,
+    AdapterDisabledDenoiser,
     AdapterDisabledReference,
+    FlowCondition,
+    FluxDenoiser,
     FrozenCopyReference,
+    SD3Denoiser,
     UNetCondition,
     UNetDenoiser,
     adapters_disabled,
+    make_denoiser,
+    make_reference,
 )
-from .loading import DEFAULT_IDS, Components, ModelNotFoundError, load_components, set_attention_backend
+from .latents import pack_latents, scale_latents, unpack_latents, unscale_latents
+from .loading import (
+    DEFAULT_IDS,
+    FLOW_FAMILIES,
+    Components,
+    ModelNotFoundError,
+    detect_family,
+    load_components,
+    set_attention_backend,
+)
 from .lora import (
+    FLOW_TARGET_MODULES,
     LORA_WEIGHT_NAME,
     LoRAMismatchError,
     add_lora,
     check_lora_matches,
+    default_target_modules,
     load_lora_into,
     load_lora_into_pipeline,
     save_lora,
@@ -20,20 +38,35 @@ from .lora import (
 
 __all__ = [
     "DEFAULT_IDS",
+    "FLOW_FAMILIES",
+    "FLOW_TARGET_MODULES",
+    "FLUX_GUIDANCE_SCALE",
     "LORA_WEIGHT_NAME",
+    "AdapterDisabledDenoiser",
     "AdapterDisabledReference",
     "Components",
+    "FlowCondition",
+    "FluxDenoiser",
     "FrozenCopyReference",
     "LoRAMismatchError",
     "ModelNotFoundError",
+    "SD3Denoiser",
     "UNetCondition",
     "UNetDenoiser",
     "adapters_disabled",
     "add_lora",
     "check_lora_matches",
+    "default_target_modules",
+    "detect_family",
     "load_components",
     "load_lora_into",
     "load_lora_into_pipeline",
+    "make_denoiser",
+    "make_reference",
+    "pack_latents",
     "save_lora",
+    "scale_latents",
     "set_attention_backend",
+    "unpack_latents",
+    "unscale_latents",
 ]

@@ -31,9 +31,8 @@ class ObjectiveSpec:
     """What the trainer needs to know about an objective, declared once at registration.
 
     ``needs_reference``: compute reference errors. ``dual_captions``: winner and loser are conditioned on their own
-    captions (DCPO). ``noise_provider``: ``config -> provider(denoiser, scheduler, x0_pairs, cond, generator)
-    -> (t, noise)`` replacing the forward-noising draw (InPO's inversion); ``None`` = shared forward noise.
-    ``recipe``: a trainer subclass (import path) for objectives that change the loop itself (SePPO's sampling).
+    captions (DCPO). How the errors are made (InPO's inversion, SePPO's sampled losers) is the training layer's
+    business: ``diffalign.training.trainer.RECIPES``.
     """
 
     name: str
@@ -42,15 +41,12 @@ class ObjectiveSpec:
     needs_reference: bool
     doc: str = ""
     dual_captions: bool = False
-    noise_provider: Callable | None = None
-    recipe: str | None = None
 
 
 _REGISTRY: dict[str, ObjectiveSpec] = {}
 
 
-def register_objective(name: str, config_cls: type, *, needs_reference: bool, dual_captions: bool = False,
-                       noise_provider: Callable | None = None, recipe: str | None = None):
+def register_objective(name: str, config_cls: type, *, needs_reference: bool, dual_captions: bool = False):
     """Function decorator: ``@register_objective("dpo", DPOConfig, needs_reference=True)``.
 
     The decorated callable takes the config instance and returns ``objective(errors: PairErrors) -> ObjectiveOutput``.
@@ -60,7 +56,7 @@ def register_objective(name: str, config_cls: type, *, needs_reference: bool, du
         if name in _REGISTRY:
             raise ValueError(f"objective {name!r} is registered twice")
         _REGISTRY[name] = ObjectiveSpec(name, config_cls, build, needs_reference, (build.__doc__ or "").strip(),
-                                        dual_captions, noise_provider, recipe)
+                                        dual_captions)
         return build
 
     return wrap

@@ -5,7 +5,8 @@ come from. Per pair, t ~ U{0..999} is shared by winner and loser; each clean lat
 **policy**, η = 0.1, 10-step grid; :mod:`diffalign.inversion`) to :math:`\\tilde x`, and the target is the implied
 noise :math:`\\tilde ε = (\\tilde x - \\sqrt{\\bar α_t} x_0)/\\sqrt{1-\\bar α_t}`, so that
 :math:`x_t = \\sqrt{\\bar α_t} x_0 + \\sqrt{1-\\bar α_t}\\tilde ε = \\tilde x`. Winner and loser share t but not noise.
-Policy and reference are evaluated on the same :math:`(\\tilde x, t)`.
+Policy and reference are evaluated on the same :math:`(\\tilde x, t)`. The inversion runs the model, so it lives
+in the training layer (:class:`diffalign.training.inpo.InversionTrainer`); this module holds the loss and its config.
 
 Cost per training step: :math:`\\max_i n(t_i)` extra no-grad U-Net calls on the 2B batch (inversion), with
 :math:`n(t) = \\#\\{k ∈ \\{-99, 1, 101, …, 801\\} : k < t\\}` ∈ [1, 10], mean 6.382 for one pair per batch; then the usual
@@ -41,25 +42,7 @@ class InPOConfig(DPOConfig):
             raise ValueError(f"timesteps: must be official or inverted_level, got {self.timesteps!r}")
 
 
-def inversion_noise_provider(config: InPOConfig):
-    """``(denoiser, scheduler, x0_pairs (2B, ...), cond, generator) -> (t (2B,), ε̃ (2B, ...))``."""
-    from ..inversion import ddim_invert, implied_noise  # lazy: likelihood imports objectives.base
-    from ..likelihood import sample_timesteps
-
-    def provider(denoiser, scheduler, x0_pairs, cond, generator):
-        half = x0_pairs.shape[0] // 2
-        t = sample_timesteps(half, scheduler.config.num_train_timesteps, generator=generator).repeat(2)
-        t = t.to(x0_pairs.device)
-        x_inv, level = ddim_invert(denoiser, scheduler, x0_pairs, cond, t, num_inference_steps=config.inversion_steps,
-                                   eta=config.eta, generator=generator)
-        if config.timesteps == "inverted_level":
-            t = level.clamp(max=scheduler.config.num_train_timesteps - 1)
-        return t, implied_noise(scheduler, x0_pairs, x_inv, t).to(x0_pairs.dtype)
-
-    return provider
-
-
-@register_objective("inpo", InPOConfig, needs_reference=True, noise_provider=inversion_noise_provider)
+@register_objective("inpo", InPOConfig, needs_reference=True)
 def build_inpo(config: InPOConfig):
     """InPO (Lu et al., 2025): Diffusion-DPO on DDIM-inverted latents."""
     return build_dpo(config)

@@ -76,8 +76,7 @@ class SePPOConfig(DPOConfig):
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
 
-@register_objective("seppo", SePPOConfig, needs_reference=True,
-                    recipe="diffalign.training.semi_policy:SemiPolicyTrainer")
+@register_objective("seppo", SePPOConfig, needs_reference=True)
 def build_seppo(config: SePPOConfig):
     """SePPO (Zhang et al., 2024), reconstructed: winners vs. on-policy reference samples with AAF."""
 

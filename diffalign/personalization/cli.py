@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
+from ..generation_cli import MIX_SPACES, add_generation_args, add_user_args, read_prompts, write_images
+from ..inference import load_pipeline
 from .io import USER_EMBEDDINGS_NAME, load_user_branch, load_user_embeddings, user_tokens
 from .user_encoder import build_user_encoder, load_examples
-
-MIX_SPACES = ("embedding", "prediction")
 
 
 # ---------------------------------------------------------------- users -> tokens
@@ -137,41 +137,35 @@ def prediction_mixture(unet, mixture: list[tuple[float, torch.Tensor | None]]):
             del unet.forward
 
 
-@torch.no_grad()
-def generate_with_users(pipe, prompts: list[str], seeds: list[int], *,
-                        mixture: list[tuple[float, torch.Tensor]] | None = None, space: str = "embedding",
-                        cond_only: bool = False, user_scale: float | None = None, batch_size: int = 64, **kwargs):
-    """One PIL image per (prompt, seed), each from its own ``torch.Generator(seed)``; ``mixture`` None = no user.
-
-    ``mixture``: ``[(a_i, tokens_i (1, N_u, D_u))]``; ``space``: ``embedding`` or ``prediction``. ``kwargs`` go to
-    the pipeline (``num_inference_steps``, ``guidance_scale``, ``height``, ...).
+def serve_users(pipe, mixture: list[tuple[float, torch.Tensor]] | None, *, space: str = "embedding",
+                cond_only: bool = False, user_scale: float | None = None):
+    """The :func:`diffalign.inference.generate` hook that serves the users ``mixture`` (``[(a_i, tokens_i (1, N_u,
+    D_u))]``; None: no user, the base model's (+ LoRA's) images) mixed in ``space`` (``embedding`` or ``prediction``,
+    module doc). Images keep inference's seed rule: image i from its own ``torch.Generator("cpu").manual_seed(seed_i)``.
     """
     if space not in MIX_SPACES:
         raise ValueError(f"space must be one of {MIX_SPACES}, got {space!r}")
-    if len(prompts) != len(seeds):
-        raise ValueError(f"got {len(prompts)} prompts for {len(seeds)} seeds")
-    guided = kwargs.get("guidance_scale", 7.5) > 1.0
     extra = {} if user_scale is None else {"user_scale": user_scale}
-    images = []
-    for i in range(0, len(prompts), batch_size):
-        chunk, chunk_seeds = list(prompts[i:i + batch_size]), seeds[i:i + batch_size]
-        call = dict(prompt=chunk, generator=[torch.Generator().manual_seed(int(s)) for s in chunk_seeds], **kwargs)
+
+    @contextmanager
+    def hook(call):
+        n, guided = len(call["prompt"]), call.get("guidance_scale", 7.5) > 1.0
         if mixture is None:
-            images += pipe(**call).images
+            yield {}
         elif space == "embedding":
-            tokens = _cfg_tokens(mix_tokens(mixture), cond_only, guided, len(chunk))
-            images += pipe(**call, cross_attention_kwargs={"user_tokens": tokens, **extra}).images
+            yield {"cross_attention_kwargs": {"user_tokens": _cfg_tokens(mix_tokens(mixture), cond_only, guided, n),
+                                              **extra}}
         else:
-            mix = [(a, _cfg_tokens(u, cond_only, guided, len(chunk))) for a, u in mixture]
-            with prediction_mixture(pipe.unet, mix):
-                images += pipe(**call, cross_attention_kwargs=extra or None).images
-    return images
+            with prediction_mixture(pipe.unet, [(a, _cfg_tokens(u, cond_only, guided, n)) for a, u in mixture]):
+                yield {"cross_attention_kwargs": extra or None}
+
+    return hook
 
 
 def load_personalized_pipeline(model: str, run_dir: str, *, branch_dir: str | None = None, device=None,
                                dtype: str = "float32"):
-    """The base pipeline + the run's LoRA (when it has one) + its user branch. Returns ``(pipe, spec)``."""
-    from ..generate import load_pipeline
+    """The base pipeline + the run's LoRA (when it has one) + its user branch
+    (:func:`diffalign.inference.load_pipeline`). Returns ``(pipe, spec)``."""
     from ..models.lora import LORA_WEIGHT_NAME
 
     lora = run_dir if run_dir and (Path(run_dir) / LORA_WEIGHT_NAME).is_file() else None
@@ -189,27 +183,7 @@ EPILOG = """examples:
 """
 
 
-USER_ONLY_FLAGS = ("--branch", "--user-examples", "--user-mix", "--user", "--mix-space", "--user-scale",
-                   "--user-cond-only")
-
-
-def add_user_args(p) -> None:
-    """The flags that serve a PPD user (:data:`USER_ONLY_FLAGS`); ``diffalign generate`` lists them too and hands
-    any command line that uses one to ``diffalign personalize``."""
-    p.add_argument("--branch", help="folder with user_branch.safetensors, if not the --lora folder")
-    who = p.add_mutually_exclusive_group()
-    who.add_argument("--user-examples", help="a user's few-shot examples (.json/.jsonl of prompt/chosen/rejected)")
-    who.add_argument("--user-mix", help="users and weights, e.g. a:0.3,b:0.7 (examples files or training user ids)")
-    who.add_argument("--user", help="one training user id (or examples file)")
-    p.add_argument("--mix-space", default="embedding", choices=MIX_SPACES,
-                   help="interpolate user tokens (embedding, default) or noise predictions (prediction)")
-    p.add_argument("--user-scale", type=float, help="scale s of the user branch (default: the trained one)")
-    p.add_argument("--user-cond-only", action="store_true",
-                   help="user tokens on the conditional half of the CFG batch only")
-
-
 def main(argv: list[str]) -> int:
-    from ..generate import add_generation_args, read_prompts, write_images
     from ..models.loading import ModelNotFoundError
 
     p = argparse.ArgumentParser(prog="diffalign personalize", description=__doc__.split("\n\n")[0], epilog=EPILOG,
@@ -236,9 +210,8 @@ def main(argv: list[str]) -> int:
     except (ModelNotFoundError, OSError, ValueError) as err:
         print(f"diffalign: error: {err}", file=sys.stderr)
         return 2
-    write_images(args, prompts, lambda prompt, seed, **kw: generate_with_users(
-        pipe, [prompt], [seed], mixture=mixture, space=args.mix_space, cond_only=args.user_cond_only,
-        user_scale=args.user_scale, **kw)[0])
+    write_images(args, prompts, pipe, serve_users(pipe, mixture, space=args.mix_space, cond_only=args.user_cond_only,
+                                                  user_scale=args.user_scale))
     out = Path(args.out)
     (out / "users.json").write_text(json.dumps({"users": [{"name": n, "weight": a} for n, a in names],
                                                 "mix_space": args.mix_space, "cond_only": args.user_cond_only,

@@ -109,8 +109,7 @@ class PPDConfig:
             raise ValueError(f"init: must be one of {INITS}, got {self.init!r}")
 
 
-@register_objective("ppd", PPDConfig, needs_reference=True,
-                    recipe="diffalign.personalization.trainer:PersonalizedTrainer")
+@register_objective("ppd", PPDConfig, needs_reference=True)
 def build_ppd(config: PPDConfig):
     """PPD (Dang et al., 2025): Diffusion-DPO conditioned on the labelling user's embedding."""
 

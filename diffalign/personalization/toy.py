@@ -39,8 +39,7 @@ text cross-attention at the 8x8 latent level too (``python -m diffalign.toy pret
 CrossAttnDownBlock2D``). None of this is in the captions, so the base model draws a spread of lightness and warmth for
 any prompt and each user's taste can be met on every prompt; one PPD model has to learn from the user's embedding
 which way to move. Without the folder, ``assets/toy-sd`` (palette colours: only the shapes' sizes and positions vary,
-so the tastes are barely met); without that, a random tiny SD pipeline (:mod:`diffalign.models.tiny`) whose blob-like
-samples still vary, enough to exercise the code.
+so the tastes are barely met).
 
     python -m diffalign.personalization.toy make-pairs --out runs/ppd-toy/pairs      # data for configs/toy_ppd.yaml
     python -m diffalign.personalization.toy fit-axes                                 # re-measure TASTE_WHITENING
@@ -55,20 +54,20 @@ from pathlib import Path
 
 import numpy as np
 
+from ..inference import generate, load_pipeline
 from ..toy import assets_path
+from ..toy.components import DEFAULT_BATCH_SIZE, DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
+from ..toy.shapes import heldout_prompts, train_prompts
 from .user_encoder import PreferenceExample
 
 ASSETS = assets_path()
 TOY_MODEL_DIR = ASSETS / "toy-sd-ppd"  # the PPD base (module doc); falls back to the demo's assets/toy-sd
 TASTE_FEATURES = ("lightness", "warmth")
 # Sampling defaults of the toy pipeline (diffalign.toy.components): 20 DDIM steps, CFG 5.
-GENERATION = {"num_inference_steps": 20, "guidance_scale": 5.0}
+GENERATION = {"num_inference_steps": DEFAULT_NUM_INFERENCE_STEPS, "guidance_scale": DEFAULT_GUIDANCE_SCALE}
 # (s_l, k, s_w) of the module doc, from `python -m diffalign.personalization.toy fit-axes` (400 pairs, seed 0, of
 # assets/toy-sd-ppd on the training prompts; Δl and Δw correlate at -0.05 there). Re-measure when the base changes.
 TASTE_WHITENING = (0.0278, -0.1242, 0.0628)
-FALLBACK_PROMPTS = [f"a {c} {s} on a {b} background" for c, b in (("red", "blue"), ("blue", "yellow"),
-                                                                   ("green", "purple"), ("yellow", "white"))
-                    for s in ("circle", "square")]
 
 
 def image_features(images) -> np.ndarray:
@@ -131,36 +130,18 @@ def training_users(every: float = 90.0) -> tuple[ToyUser, ...]:
 
 
 def toy_prompts() -> tuple[list[str], list[str]]:
-    """(training prompts, evaluation prompts): the shapes world's TRAIN / HELD-OUT captions when
-    :mod:`diffalign.toy` is available, else a fixed list split in two."""
-    try:
-        from ..toy.shapes import heldout_prompts, train_prompts
-
-        return train_prompts(), heldout_prompts()
-    except ImportError:
-        return FALLBACK_PROMPTS[::2], FALLBACK_PROMPTS[1::2]
+    """(training prompts, evaluation prompts): the shapes world's TRAIN / HELD-OUT captions."""
+    return train_prompts(), heldout_prompts()
 
 
-def toy_base_model(cache_dir: str | Path | None = None) -> tuple[str, bool]:
-    """``(folder, is_toy)``: ``assets/toy-sd-ppd``, else ``assets/toy-sd``, whichever holds a pipeline first; else a
-    random tiny SD1.5 pipeline written to ``cache_dir`` (``is_toy`` False)."""
-    for folder in (TOY_MODEL_DIR, ASSETS / "toy-sd"):
+def toy_base_model() -> str:
+    """The base pipeline's folder: ``assets/toy-sd-ppd``, else ``assets/toy-sd``, whichever holds a pipeline first
+    (both ship as package data)."""
+    folders = (TOY_MODEL_DIR, ASSETS / "toy-sd")
+    for folder in folders:
         if (folder / "model_index.json").is_file():
-            return str(folder), True
-    from ..models.tiny import save_tiny_pipeline
-
-    path = Path(cache_dir or ".") / "tiny-sd15-random"
-    if not (path / "model_index.json").is_file():
-        save_tiny_pipeline(path, "sd15")
-    return str(path), False
-
-
-def load_pipeline(model: str):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+            return str(folder)
+    raise FileNotFoundError(f"no toy pipeline (model_index.json) in {' or '.join(str(f) for f in folders)}")
 
 
 @dataclass
@@ -184,14 +165,14 @@ class ImagePairs:
 
 
 def sample_pairs(pipe, prompts: list[str], n_pairs: int, *, seed: int = 0, **generation) -> ImagePairs:
-    """Pair k: prompt ``prompts[k mod len]``, seeds ``10⁶·seed + 2k`` and ``+1`` (one generator per image)."""
-    from .cli import generate_with_users
-
+    """Pair k: prompt ``prompts[k mod len]``, seeds ``10⁶·seed + 2k`` and ``+1``; each image from a
+    ``torch.Generator("cpu")`` of its own seeded with its seed (:func:`diffalign.inference.generate`, 64 images per
+    pipeline call)."""
     kw = {**GENERATION, **generation}
     captions = [prompts[k % len(prompts)] for k in range(n_pairs)]
     s0 = [1_000_000 * seed + 2 * k for k in range(n_pairs)]
     s1 = [s + 1 for s in s0]
-    images = generate_with_users(pipe, captions + captions, s0 + s1, **kw)
+    images = generate(pipe, captions + captions, s0 + s1, batch_size=DEFAULT_BATCH_SIZE, **kw)
     return ImagePairs(captions, images[:n_pairs], images[n_pairs:], s0, s1)
 
 
@@ -258,24 +239,23 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     mk = sub.add_parser("make-pairs", help="sample base pairs, label them by every training user")
     mk.add_argument("--out", required=True)
-    mk.add_argument("--model", help="base pipeline (default: assets/toy-sd-ppd, else a random tiny one)")
+    mk.add_argument("--model", help="base pipeline (default: assets/toy-sd-ppd, else assets/toy-sd)")
     mk.add_argument("--n-pairs", type=int, default=300)
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("--train-every", type=float, default=90.0,
                     help="a training user every this many degrees (default 90: light, warm, dark, cold)")
     fit = sub.add_parser("fit-axes", help="measure TASTE_WHITENING on base-model pairs of the training prompts")
-    fit.add_argument("--model", help="base pipeline (default: assets/toy-sd-ppd, else a random tiny one)")
+    fit.add_argument("--model", help="base pipeline (default: assets/toy-sd-ppd, else assets/toy-sd)")
     fit.add_argument("--n-pairs", type=int, default=400)
     fit.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     train, _ = toy_prompts()
+    model = args.model or toy_base_model()
+    pairs = sample_pairs(load_pipeline(model, device="cpu"), train, args.n_pairs, seed=args.seed)
     if args.command == "fit-axes":
-        pairs = sample_pairs(load_pipeline(args.model or toy_base_model(".")[0]), train, args.n_pairs, seed=args.seed)
         whitening = fit_taste_whitening(image_features(pairs.images_0), image_features(pairs.images_1))
         print(json.dumps({"TASTE_WHITENING": [round(v, 4) for v in whitening], "n_pairs": args.n_pairs}))
         return 0
-    model = args.model or toy_base_model(Path(args.out).parent)[0]
-    pairs = sample_pairs(load_pipeline(model), train, args.n_pairs, seed=args.seed)
     users = training_users(args.train_every)
     cols = label_pairs(pairs, users)
     path = write_pairs(cols, args.out)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .. import inference
 from ..models.tokenizer import CLIP_BOS_ID, CLIP_EOS_ID, CLIP_VOCAB_SIZE, write_clip_tokenizer_files
 from .shapes import IMAGE_SIZE
 
@@ -199,9 +200,9 @@ def save_pipeline(pipe, out_dir: str | os.PathLike, cfg: ToyModelConfig) -> Path
 # Sampling defaults: 20 DDIM steps and CFG 5 give the quality in assets/README.md at ~20 ms per image on 2 CPU cores.
 DEFAULT_NUM_INFERENCE_STEPS = 20
 DEFAULT_GUIDANCE_SCALE = 5.0
+DEFAULT_BATCH_SIZE = 64  # images per pipeline call
 
 
-@torch.no_grad()
 def generate(
     pipe,
     prompts: list[str],
@@ -209,29 +210,17 @@ def generate(
     *,
     num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     **kwargs,
 ) -> list:
-    """One 32x32 PIL image per ``(prompt, seed)``.
+    """One 32x32 PIL image per ``(prompt, seed)``: :func:`diffalign.inference.generate` with the toy defaults.
 
-    Each image's initial noise comes from its own ``torch.Generator().manual_seed(seed)``, so an image depends on its
-    prompt and seed only, not on the batch it is generated in; the same seeds give paired samples from two models
-    (base vs aligned). Extra ``kwargs`` go to the pipeline call.
+    Seed rule: each image's initial noise comes from its own ``torch.Generator("cpu").manual_seed(seed)``, so an image
+    depends on its prompt and seed only, not on the batch it is generated in (up to one uint8 level of batched
+    rounding); the same seeds give paired samples from two models (base vs aligned). Extra ``kwargs`` go to the
+    pipeline call.
     """
-    if len(prompts) != len(seeds):
-        raise ValueError(f"got {len(prompts)} prompts for {len(seeds)} seeds")
-    images = []
-    for i in range(0, len(prompts), batch_size):
-        chunk_prompts, chunk_seeds = list(prompts[i : i + batch_size]), seeds[i : i + batch_size]
-        out = pipe(
-            prompt=chunk_prompts,
-            generator=[torch.Generator().manual_seed(int(s)) for s in chunk_seeds],
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=IMAGE_SIZE,
-            width=IMAGE_SIZE,
-            output_type="pil",
-            **kwargs,
-        )
-        images.extend(out.images)
-    return images
+    return inference.generate(
+        pipe, prompts, seeds, batch_size=batch_size, num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale, height=IMAGE_SIZE, width=IMAGE_SIZE, **kwargs,
+    )

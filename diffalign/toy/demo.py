@@ -57,7 +57,8 @@ def demo_config(out_dir: str | Path, seed: int = 0, **overrides) -> dict:
 
 
 def evaluate(pipe, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, list]:
-    """Oracle reward of one image per (prompt, seed); returns rewards (N,) and the images."""
+    """Oracle reward of one image per (prompt, seed), each from its own ``torch.Generator("cpu").manual_seed(seed)``
+    (:func:`diffalign.toy.generate`); returns rewards (N,) and the images."""
     from . import generate, oracle_reward
 
     images = generate(pipe, prompts, seeds)
@@ -70,9 +71,7 @@ def win_rate(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, quiet: bool = False, **overrides) -> dict:
-    from diffusers import StableDiffusionPipeline
-
-    from ..models import load_lora_into_pipeline
+    from ..inference import load_pipeline
     from ..training.config import parse_config
     from ..training.trainer import PreferenceTrainer
     from . import heldout_prompts, toy_model_path
@@ -88,11 +87,8 @@ def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, quiet: bool = Fal
     k = overrides.get("eval_images_per_prompt", DEMO_DEFAULTS["eval_images_per_prompt"])
     prompts = [p for p in heldout_prompts() for _ in range(k)]
     seeds = [10_000 * seed + i for i in range(len(prompts))]
-    pipe = StableDiffusionPipeline.from_pretrained(str(toy_model_path()))
-    pipe.set_progress_bar_config(disable=True)
-    base, base_images = evaluate(pipe, prompts, seeds)
-    load_lora_into_pipeline(pipe, out_dir)
-    aligned, aligned_images = evaluate(pipe, prompts, seeds)
+    base, base_images = evaluate(load_pipeline(str(toy_model_path()), device="cpu"), prompts, seeds)
+    aligned, aligned_images = evaluate(load_pipeline(str(toy_model_path()), out_dir, device="cpu"), prompts, seeds)
 
     report = {
         "seed": seed,

@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     import torch
-    from diffusers import StableDiffusionPipeline
+
+    from ..inference import load_pipeline
 
     p = argparse.ArgumentParser(prog="python -m diffalign.toy make-pairs", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="toy pipeline folder (e.g. assets/toy-sd)")
@@ -187,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(args.model)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(args.model, device="cpu")
     columns, stats = make_pairs(
         pipe, args.n_pairs, seed=args.seed, tie_margin=args.tie_margin, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, progress=not args.no_progress,

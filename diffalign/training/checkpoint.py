@@ -20,15 +20,6 @@ from safetensors.torch import load_file, save_file
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-def _fault_point(name: str, step: int) -> None:
-    """Fault injection for crash-safety tests: ``DIFFALIGN_FAULT=checkpoint:4`` SIGKILLs this process while
-    checkpoint 4 is half written. Unset in normal runs."""
-    if os.environ.get("DIFFALIGN_FAULT") == f"{name}:{step}":
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -55,7 +46,6 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], sta
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
-    _fault_point("checkpoint", step)  # crash-safety tests kill the process here, mid-write
     torch.save(state, tmp / "state.pt")
     files = {name: _sha256(tmp / name) for name in ("weights.safetensors", "state.pt")}
     with open(tmp / "manifest.json", "w") as f:

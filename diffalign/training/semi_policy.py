@@ -1,8 +1,8 @@
 """The SePPO recipe: winners from the data, losers sampled on-policy by a reference checkpoint from a pool.
 
 Per step: draw a reference snapshot from the pool (``uniform`` / ``initial`` / ``latest``), sample x_r for the
-batch prompts with it (no grad, DDIM + CFG), then one policy call on ``[x_w; x_r]`` and one no-grad call of the
-snapshot on the same inputs; the SePPO objective applies the anchor-based flipper. A snapshot of the trainable
+batch prompts with it (no grad, DDIM + CFG): that is the :meth:`~SemiPolicyTrainer.inputs` step; the rest is the
+shared recipe: one policy call on ``[x_w; x_r]`` and one no-grad call of the snapshot on the same inputs; the SePPO objective applies the anchor-based flipper. A snapshot of the trainable
 weights joins the pool every ``snapshot_every`` steps (the initial one is always kept, then the latest K-1); the
 pool is saved in every checkpoint, so ``--resume`` continues with the same references. LoRA only: a snapshot is
 the adapter weights (kB-MB), and the reference call swaps them in and back out.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from ..likelihood import pair_timesteps_and_noise, preference_errors
 from ..models.denoiser import UNetDenoiser
 from ..models.text import build_condition, sdxl_time_ids
 from ..sampling import sample_latents
@@ -73,7 +72,10 @@ class SemiPolicyTrainer(PreferenceTrainer):
             if len(self.pool) > p.max_snapshots:
                 del self.pool[1]  # keep the initial checkpoint, drop the oldest of the others
 
-    def compute_loss(self, batch: dict):
+    def inputs(self, batch: dict):
+        """``[x_w; x_r]`` (2B, C, h, w): the data's winners, and as losers samples of a reference snapshot from the
+        pool for the same prompts (no grad, DDIM + CFG under the real prompts). The condition is the shared
+        :meth:`condition` (prompt dropout included); the reference errors use the same snapshot."""
         p, c = self.config.objective.params, self.components
         b = batch["size"]
         x_w = self.encode_latents(batch)[:b]  # (B, C, h, w): the data's winners only
@@ -88,14 +90,7 @@ class SemiPolicyTrainer(PreferenceTrainer):
         x_r = sample_latents(self.reference, c.noise_scheduler.config, cond, uncond, tuple(x_w.shape),
                              num_inference_steps=p.sampling_steps, guidance_scale=p.guidance_scale,
                              generator=self.generator, device=x_w.device, dtype=self.weight_dtype)
-        x0 = torch.cat([x_w, x_r.to(x_w.dtype)])  # (2B, ...): [winners; reference samples]
-        t, noise = pair_timesteps_and_noise(x0, c.noise_scheduler.config.num_train_timesteps,
-                                            share=self.config.share_noise, generator=self.generator)
-        # Sampling used the real prompts; training conditions like every recipe (prompt dropout included).
-        errors = preference_errors(self.policy, c.noise_scheduler, x0, self.condition(batch),
-                                   reference=self.reference, t=t, noise=noise, weighting=self.config.weighting,
-                                   snr_gamma=self.config.snr_gamma)
-        return self.objective(errors)
+        return torch.cat([x_w, x_r.to(x_w.dtype)]), self.condition(batch)
 
     def checkpoint_extras(self):
         tensors, meta = super().checkpoint_extras()

@@ -6,11 +6,23 @@ with gradients and the reference **once** without, hand the per-sample errors to
 step. Runs on ``accelerate``: ``accelerate launch -m diffalign.cli train cfg.yaml`` shards the data over
 processes.
 
-The recipe holds no objective math; it only asks the objective whether it needs a reference. Recipes (SePPO's
-semi-policy trainer, PPD's personalized trainer) override named steps: :meth:`PreferenceTrainer.configure_model`
-(what trains), :meth:`~PreferenceTrainer.trainable_parameters` (the one list the optimizer, EMA and the log use),
-:meth:`~PreferenceTrainer.build_reference`, :meth:`~PreferenceTrainer.condition`,
-:meth:`~PreferenceTrainer.compute_loss` and :meth:`~PreferenceTrainer.export`.
+The recipe holds no objective math; it only asks the objective whether it needs a reference. The loop calls
+named steps, and recipes override them (:data:`RECIPES` maps an objective to its recipe):
+
+==========================  ======================================================  ==============================
+step                        does                                                    overridden by
+==========================  ======================================================  ==============================
+``configure_model``         what trains (LoRA adapters or the whole U-Net)           PPD (adds the user branch)
+``trainable_parameters``    the one list the optimizer, EMA and the log line use     PPD
+``build_reference``         the frozen model of the log-ratio                        SePPO (snapshot pool), PPD
+``inputs(batch)``           ``(x0_pairs (2B, ...), cond)``: latents and condition    SePPO (sampled losers)
+``condition(batch)``        the 2B condition (prompt dropout, dual captions)         PPD (user tokens)
+``noise(x0_pairs, cond)``   ``(t, ε)`` for the forward process                       InPO (DDIM inversion)
+``errors(x0, cond, t, ε)``  policy and reference errors (:class:`PairErrors`)
+``compute_loss(batch)``     the objective on one micro-batch                         PPD (adds a metric)
+``training_step(batch)``    loss, backward, clip, optimizer update                   (the bench times this)
+``export``                  the trained weights in ``output_dir``                    PPD (the user branch)
+==========================  ======================================================  ==============================
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import EmbeddingCache, PairTransform, PreferencePairs, ResumableSampler, cache_key, collate_pairs
-from ..likelihood import pair_timesteps_and_noise, preference_errors
+from ..likelihood import PairErrors, pair_timesteps_and_noise, preference_errors
 from ..models import (
     AdapterDisabledReference,
     Components,
@@ -41,7 +53,7 @@ from ..models import (
     set_attention_backend,
 )
 from ..models.text import build_condition, encode_prompts, sdxl_time_ids
-from ..objectives import build_objective
+from ..objectives import ObjectiveOutput, build_objective
 from . import checkpoint as ckpt
 from .config import TrainConfig, dump_config
 
@@ -68,6 +80,16 @@ def _check_world_size(num_processes: int) -> None:
             f"{num_processes}: each would train its own copy on the same output_dir. On CPU launch with "
             f"`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {asked} -m diffalign.cli train ...`; "
             "on GPUs with `accelerate launch -m diffalign.cli train ...`")
+
+
+def _check_sharding(distributed_type) -> None:
+    """Checkpoints and the export hold whole weights on each process (DDP): refuse sharded launches up front."""
+    from accelerate.utils import DistributedType
+
+    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise LaunchError(f"{distributed_type.value} is not supported yet: checkpoints and the export assume every "
+                          "process holds the whole weights. Launch with DDP (`accelerate launch` without an "
+                          "FSDP/DeepSpeed config) and LoRA, which fits SD1.5/SDXL on one GPU each")
 
 
 def native_resolution(components) -> int:
@@ -106,6 +128,8 @@ class PreferenceTrainer:
         self.nonfinite_skipped = 0
         self.consecutive_nonfinite = 0
         self.history: list[dict] = []
+        self.window: list[dict] = []  # metrics of the micro-batches of the accumulation window under way
+        self.bad_window = False  # a non-finite loss or gradient in the window: its update is skipped
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume: bool = False, overwrite: bool = False) -> PreferenceTrainer:
@@ -113,6 +137,10 @@ class PreferenceTrainer:
         from accelerate.utils import ProjectConfiguration, set_seed
 
         cfg = self.config
+        needed = trainer_class(cfg)
+        if not isinstance(self, needed):
+            raise TypeError(f"objective {cfg.objective.name!r} trains with {needed.__module__}.{needed.__name__}, "
+                            f"not {type(self).__name__}: build the trainer with trainer_class(config)(config)")
         existing = ckpt.list_checkpoints(self.checkpoint_dir)
         if existing and not resume and not overwrite:
             raise RunExistsError(
@@ -146,6 +174,7 @@ class PreferenceTrainer:
                                                 logging_dir=str(self.output_dir / "logs")),
         )
         _check_world_size(acc.num_processes)
+        _check_sharding(acc.distributed_type)
         set_seed(cfg.seed)
         self.weight_dtype = {"no": torch.float32, "fp16": torch.float16,
                              "bf16": torch.bfloat16}[cfg.mixed_precision]
@@ -171,7 +200,6 @@ class PreferenceTrainer:
             unet.enable_gradient_checkpointing()
 
         self.objective, spec = build_objective(cfg.objective.name, cfg.objective.params)
-        self.noise_provider = spec.noise_provider(cfg.objective.params) if spec.noise_provider else None
         self.configure_model(unet)
         unet.train()
         # One list for the optimizer, EMA, checkpoints and the log line.
@@ -355,31 +383,61 @@ class PreferenceTrainer:
         return UNetCondition.cat(build_condition(self.encode_text(captions), time_ids),
                                  build_condition(self.encode_text(losers), time_ids))
 
-    def compute_loss(self, batch: dict):
+    def inputs(self, batch: dict) -> tuple[torch.Tensor, UNetCondition]:
+        """``(x0_pairs, cond)``: the ``[winners; losers]`` latents (2B, C, h, w) and their condition (2B)."""
+        return self.encode_latents(batch), self.condition(batch)
+
+    def noise(self, x0_pairs: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(t (2B,), ε (2B, ...))`` for the forward process, shared by winner and loser with ``share_noise``."""
+        return pair_timesteps_and_noise(
+            x0_pairs, self.components.noise_scheduler.config.num_train_timesteps, share=self.config.share_noise,
+            generator=self.generator,
+        )
+
+    def errors(self, x0_pairs: torch.Tensor, cond, t: torch.Tensor, noise: torch.Tensor) -> PairErrors:
+        """Per-sample errors of the policy (with grad) and the reference (without) on the same ``(x_t, t, c)``."""
         cfg = self.config
-        latents = self.encode_latents(batch)
-        cond = self.condition(batch)
-        if self.noise_provider is not None:  # e.g. InPO: noise implied by DDIM inversion of the latents
-            t, noise = self.noise_provider(self.policy, self.components.noise_scheduler, latents, cond,
-                                           self.generator)
-        else:
-            t, noise = pair_timesteps_and_noise(
-                latents, self.components.noise_scheduler.config.num_train_timesteps, share=cfg.share_noise,
-                generator=self.generator,
-            )
-        errors = preference_errors(
-            self.policy, self.components.noise_scheduler, latents, cond, reference=self.reference, t=t,
+        return preference_errors(
+            self.policy, self.components.noise_scheduler, x0_pairs, cond, reference=self.reference, t=t,
             noise=noise, weighting=cfg.weighting, snr_gamma=cfg.snr_gamma,
         )
-        return self.objective(errors)
+
+    def compute_loss(self, batch: dict) -> ObjectiveOutput:
+        """The objective on one micro-batch: :meth:`inputs` -> :meth:`noise` -> :meth:`errors` -> objective."""
+        x0_pairs, cond = self.inputs(batch)
+        t, noise = self.noise(x0_pairs, cond)
+        return self.objective(self.errors(x0_pairs, cond, t, noise))
+
+    def training_step(self, batch: dict) -> ObjectiveOutput:
+        """One micro-batch: :meth:`compute_loss`, backward and, when an accumulation window ends
+        (``accelerator.sync_gradients``), clip and the optimizer update.
+
+        The micro-batch's metrics join ``self.window``; a non-finite loss, or non-finite gradients outside fp16
+        (whose grad scaler skips such steps itself), mark the window bad: no update, gradients dropped.
+        """
+        cfg, acc = self.config, self.accelerator
+        with acc.accumulate(self.unet):
+            out = self.compute_loss(batch)
+            if torch.isfinite(out.loss):
+                acc.backward(out.loss)
+            else:  # never backpropagate a NaN/inf loss into the accumulated gradients
+                self.bad_window = True
+            self.window.append({"loss": out.loss.item(), **out.metrics})
+            if acc.sync_gradients:
+                if not self.bad_window and cfg.mixed_precision != "fp16" and not self._grads_finite():
+                    self.bad_window = True
+                if not self.bad_window:
+                    if cfg.optimizer.max_grad_norm:
+                        acc.clip_grad_norm_(self.unet.parameters(), cfg.optimizer.max_grad_norm)
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return out
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
         cfg, acc = self.config, self.accelerator
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train",
                    disable=not acc.is_local_main_process, dynamic_ncols=True)
-        window: list[dict] = []
-        bad_window = False
         start = time.time()
         try:  # the bar ends its line even when the run stops with an error
             while self.step < cfg.max_steps:
@@ -397,28 +455,12 @@ class PreferenceTrainer:
                     read, unread = read + batch["size"], unread + batch["num_skipped"]
                     if batch["size"] == 0:
                         continue
-                    with acc.accumulate(self.unet):
-                        out = self.compute_loss(batch)
-                        if torch.isfinite(out.loss):
-                            acc.backward(out.loss)
-                        else:
-                            # never backpropagate a NaN/inf loss into the accumulated gradients
-                            bad_window = True
-                        window.append({"loss": out.loss.item(), **out.metrics})
-                        if not acc.sync_gradients:
-                            continue
-                        # fp16's grad scaler skips overflowing steps itself; elsewhere inf/NaN gradients are a
-                        # failure
-                        if not bad_window and cfg.mixed_precision != "fp16" and not self._grads_finite():
-                            bad_window = True
-                        if not bad_window:
-                            if cfg.optimizer.max_grad_norm:
-                                acc.clip_grad_norm_(self.unet.parameters(), cfg.optimizer.max_grad_norm)
-                            self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-                    if bad_window:
-                        self._on_nonfinite(window)
-                        window, bad_window = [], False
+                    self.training_step(batch)
+                    if not acc.sync_gradients:
+                        continue
+                    if self.bad_window:
+                        self._on_nonfinite(self.window)
+                        self.window, self.bad_window = [], False
                         continue
                     self.consecutive_nonfinite = 0
                     self.lr_scheduler.step()
@@ -428,10 +470,10 @@ class PreferenceTrainer:
                     self.after_step()
                     bar.update(1)
                     record = self._mean_over_ranks(
-                        {k: float(np.mean([w[k] for w in window])) for k in window[0]})
+                        {k: float(np.mean([w[k] for w in self.window])) for k in self.window[0]})
                     record.update(step=self.step, lr=self.lr_scheduler.get_last_lr()[0],
                                   skipped=self.num_skipped, nonfinite_skipped=self.nonfinite_skipped)
-                    window = []
+                    self.window = []
                     self.history.append(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}",
                                     acc=f"{record.get('rewards/accuracies', 0):.2f}")
@@ -564,6 +606,8 @@ class PreferenceTrainer:
             "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
             "ranks": ranks,  # per process: RNG states and data position
         }
+        if acc.scaler is not None:  # fp16: the loss scale and its growth tracker
+            state["grad_scaler"] = acc.scaler.state_dict()
         extra_tensors, extra_meta = self.checkpoint_extras()
         state["extras"] = extra_meta
         weights = {**{f"trainable.{k}": v for k, v in self.trainable_state().items()}, **extra_tensors}
@@ -610,6 +654,8 @@ class PreferenceTrainer:
                 params[n].copy_(w)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.accelerator.scaler is not None and "grad_scaler" in state:
+            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.num_skipped = state["num_skipped"]
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
@@ -679,13 +725,20 @@ class PreferenceTrainer:
         self.accelerator.end_training()
 
 
+# Objectives whose errors need more than the forward process: the recipe (a PreferenceTrainer subclass) that makes
+# them, as "module:Class" (imported on use: a recipe may live in a package built on top of training).
+RECIPES: dict[str, str] = {
+    "inpo": "diffalign.training.inpo:InversionTrainer",
+    "seppo": "diffalign.training.semi_policy:SemiPolicyTrainer",
+    "ppd": "diffalign.personalization.trainer:PersonalizedTrainer",
+}
+
+
 def trainer_class(config: TrainConfig) -> type[PreferenceTrainer]:
-    """The recipe an objective asks for (``recipe`` at registration), else :class:`PreferenceTrainer`."""
+    """The recipe the objective needs (:data:`RECIPES`), else :class:`PreferenceTrainer`."""
     from importlib import import_module
 
-    from ..objectives import get_objective_spec
-
-    recipe = get_objective_spec(config.objective.name).recipe
+    recipe = RECIPES.get(config.objective.name)
     if recipe is None:
         return PreferenceTrainer
     module, name = recipe.split(":")

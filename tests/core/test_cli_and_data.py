@@ -7,7 +7,7 @@ import yaml
 
 from diffalign.cli import main
 from diffalign.data import DatasetFormatError, PairTransform, PreferencePairs, collate_pairs, pickapic_winner
-from diffalign.testing import base_config, png_bytes
+from fixtures.data import base_config, png_bytes
 
 
 def write_config(path, cfg):

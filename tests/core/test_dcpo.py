@@ -10,7 +10,7 @@ import torch
 
 from diffalign.data.captions import WordSwap, caption_rng
 from diffalign.objectives import PairErrors, build_objective
-from diffalign.testing import base_config
+from fixtures.data import base_config
 from diffalign.training.config import ConfigError, parse_config
 from diffalign.training.trainer import PreferenceTrainer
 
@@ -172,7 +172,7 @@ def test_named_caption_columns_feed_winner_and_loser(tiny_sd15_dir, tmp_path):
     import pyarrow.parquet as pq
 
     from diffalign.data.pairs import DualCaptions, PreferencePairs
-    from diffalign.testing import write_pickapic_parquet
+    from fixtures.data import write_pickapic_parquet
 
     src = write_pickapic_parquet(tmp_path / "data", n=4, tie_every=0)
     table = pq.read_table(src / "train.parquet")

@@ -6,7 +6,7 @@ import torch
 
 from diffalign.cli import main
 from diffalign.data import PreferencePairs
-from diffalign.testing import png_bytes
+from fixtures.data import png_bytes
 
 
 def test_generate_cli_with_lora_differs_from_base(tiny_sd15_dir, tmp_path):

@@ -4,9 +4,9 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 from diffalign.inversion import ddim_inversion_step, ddim_invert, implied_noise, inversion_levels
-from diffalign.testing import base_config
+from fixtures.data import base_config
 from diffalign.training.config import parse_config
-from diffalign.training.trainer import PreferenceTrainer
+from diffalign.training.trainer import trainer_class
 
 SD_SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                 set_alpha_to_one=False, clip_sample=False)
@@ -66,18 +66,18 @@ def test_eta_noise_is_scaled_by_the_ddim_standard_deviation():
 
 
 @pytest.mark.parametrize("mode", ["official", "inverted_level"])
-def test_inversion_noise_provider_back_solves_at_the_returned_t(mode):
-    """The provider's (t, ε̃) put the pair exactly on the inverted latent: sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε̃ = x_inv, with
+def test_inversion_noise_back_solves_at_the_returned_t(mode):
+    """The recipe's (t, ε̃) put the pair exactly on the inverted latent: sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε̃ = x_inv, with
     t shared by winner and loser (official: the sampled t; inverted_level: the level L(t) the inversion reached)."""
     from diffalign.likelihood import sample_timesteps
-    from diffalign.objectives.inpo import InPOConfig, inversion_noise_provider
+    from diffalign.objectives.inpo import InPOConfig
+    from diffalign.training.inpo import inversion_noise
 
     s = DDIMScheduler(**SD_SCHED)
     denoiser = lambda x, tt, c: 0.3 * x
     x0 = torch.randn(6, 2, 4, 4)
-    t, eps = inversion_noise_provider(InPOConfig(timesteps=mode))(denoiser, s, x0, None,
-                                                                  torch.Generator().manual_seed(1))
-    g = torch.Generator().manual_seed(1)  # replay the provider's draws: t, then the inversion's ξ
+    t, eps = inversion_noise(InPOConfig(timesteps=mode), denoiser, s, x0, None, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)  # replay the recipe's draws: t, then the inversion's ξ
     t_drawn = sample_timesteps(3, 1000, generator=g).repeat(2)
     x_inv, level = ddim_invert(denoiser, s, x0, None, t_drawn, eta=0.1, generator=g)
     assert torch.equal(t, t_drawn if mode == "official" else level.clamp(max=999))
@@ -89,7 +89,7 @@ def test_inversion_noise_provider_back_solves_at_the_returned_t(mode):
 def test_inpo_step_calls(tiny_sd15_dir, pickapic_dir, tmp_path):
     cfg = parse_config(base_config(tiny_sd15_dir, pickapic_dir, tmp_path / "run", max_steps=1,
                                    checkpoint_every=None, objective={"name": "inpo", "beta": 2000}))
-    tr = PreferenceTrainer(cfg).setup()
+    tr = trainer_class(cfg)(cfg).setup()
     calls = []
     tr.accelerator.unwrap_model(tr.unet).register_forward_pre_hook(
         lambda m, a: calls.append((torch.is_grad_enabled(), a[1].tolist())))

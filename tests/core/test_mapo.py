@@ -5,7 +5,7 @@ import torch
 
 from diffalign.objectives import build_objective, mapo_loss, phi
 from diffalign.objectives.base import PairErrors
-from diffalign.testing import base_config
+from fixtures.data import base_config
 from diffalign.training.config import parse_config
 from diffalign.training.trainer import PreferenceTrainer
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffalign.testing import base_config
+from fixtures.data import base_config
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 PY_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)

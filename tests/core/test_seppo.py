@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffalign.objectives import aaf_sign, seppo_loss
-from diffalign.testing import base_config
+from fixtures.data import base_config
 from diffalign.training.config import parse_config
 from diffalign.training.trainer import trainer_class
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffalign.testing import base_config
+from fixtures.data import base_config
 from diffalign.training import checkpoint as ckpt
 from diffalign.training.config import parse_config
 from diffalign.training.trainer import PreferenceTrainer, RunExistsError
@@ -160,7 +160,7 @@ def test_exported_lora_loads_into_diffusers_pipeline(family, targets, tiny_sd15_
 
 def test_v_prediction_model_trains_from_ln2(tmp_path, pickapic_dir):
     """SD2.1-style v-prediction: the target is v = sqrt(ᾱ) ε - sqrt(1-ᾱ) x0 and step 0 is still ln 2."""
-    from diffalign.models.tiny import save_tiny_pipeline
+    from fixtures.tiny_models import save_tiny_pipeline
 
     model_dir = save_tiny_pipeline(tmp_path / "v", "sd21", prediction_type="v_prediction")
     tr = make_trainer(model_dir, pickapic_dir, tmp_path / "run", max_steps=2, checkpoint_every=None)

@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     """``{scorer name: directory}`` with tiny random weights in the official formats, for every registry name."""
-    from diffalign.evaluators import tiny
+    from fixtures import tiny_scorers as tiny
 
     root = tmp_path_factory.mktemp("tiny_scorers")
     clip_dir = tiny.save_tiny_clip(root / "clip")

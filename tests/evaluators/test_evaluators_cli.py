@@ -25,7 +25,7 @@ ALL = ["pickscore", "clip", "aesthetic", "hpsv2", "hpsv2.1", "imagereward"]
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
-    from diffalign.evaluators import tiny
+    from fixtures import tiny_scorers as tiny
 
     root = tmp_path_factory.mktemp("tiny_sd")
     pipe = tiny.save_tiny_sd_pipeline(root / "pipe")

@@ -1,6 +1,6 @@
 """Parity with the *official packages*, recorded: ``data/official_scores.json`` holds what torchmetrics 1.9.0,
 hpsv2 1.2.0 and image-reward 1.5 returned (in side venvs, see ``official/make_official_fixtures.py``) on the tiny
-weights that ``diffalign.evaluators.tiny`` builds here again (seeded, order-independent draws), for the images and
+weights that ``fixtures.tiny_scorers`` builds here again (seeded, order-independent draws), for the images and
 prompts of ``_evaluator_cases``. diffalign must reproduce them to 1e-4."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def test_clip_score_matches_torchmetrics(tiny_dirs, case_images):
 def test_hps_matches_hpsv2_package(tiny_dirs, case_images, tmp_path, version):
     """hpsv2 1.2.0 ``img_score.score(image, prompt, cp=...)`` on the tiny fp16 compressed checkpoint. v2.1 loads
     the same weights from ``HPS_v2.1_compressed.pt`` (file selection by name)."""
-    from diffalign.evaluators import tiny
+    from fixtures import tiny_scorers as tiny
     from diffalign.evaluators.hps import CHECKPOINTS
 
     images, prompts = _inputs(case_images)

@@ -8,7 +8,7 @@ def write_user_pairs(path, n=16, users=("alice", "bob", "carol"), seed=0):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from diffalign.testing import png_bytes
+    from fixtures.data import png_bytes
 
     rng = np.random.default_rng(seed)
     rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": [], "user_id": []}
@@ -34,7 +34,7 @@ def user_pairs_dir(tmp_path_factory):
 
 
 def _ppd_config(model_dir, data_dir, out_dir, objective=None, **overrides):
-    from diffalign.testing import base_config
+    from fixtures.data import base_config
     from diffalign.training.config import parse_config
 
     obj = {"name": "ppd", "encoder": {"type": "clip", "model": "tiny"}, "num_examples": 2, **(objective or {})}

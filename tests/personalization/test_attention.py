@@ -17,7 +17,7 @@ from diffalign.personalization.cli import prediction_mixture
 
 
 def tiny_unet():
-    """The U-Net of ``diffalign.models.tiny`` (SD1.x layout, 4 cross-attentions), without the other components."""
+    """The U-Net of ``fixtures.tiny_models`` (SD1.x layout, 4 cross-attentions), without the rest."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)

@@ -46,8 +46,16 @@ def test_gradients_are_finite_and_push_winner_error_down():
 
 
 def test_registered_with_recipe_and_metrics():
+    from diffalign.personalization.trainer import PersonalizedTrainer
+    from diffalign.training.config import parse_config
+    from diffalign.training.trainer import trainer_class
+
     spec = get_objective_spec("ppd")
-    assert spec.needs_reference and spec.recipe == "diffalign.personalization.trainer:PersonalizedTrainer"
+    assert spec.needs_reference
+    from fixtures.data import base_config
+
+    cfg = parse_config(base_config("model", "data", "out", objective="ppd"))
+    assert trainer_class(cfg) is PersonalizedTrainer
     objective, _ = build_objective("ppd", PPDConfig(beta=5000.0))
     out = objective(PairErrors(one(0.1000), one(0.1002), one(0.1001), one(0.1001)))
     assert out.loss.item() == pytest.approx(0.474077, abs=1e-6)

@@ -94,7 +94,7 @@ def test_ppd_base_is_what_the_documented_pretrain_command_makes():
     assert pretrain.load_report(TOY_MODEL_DIR)["config"] == pretrain.config_from_args(args).to_dict()
     unet = json.loads((TOY_MODEL_DIR / "unet" / "config.json").read_text())
     assert unet["down_block_types"] == blocks and unet["up_block_types"] == ["CrossAttnUpBlock2D"] * 2
-    assert toy_base_model()[0] == str(TOY_MODEL_DIR)
+    assert toy_base_model() == str(TOY_MODEL_DIR)
 
 
 def test_user_rewards():
@@ -165,7 +165,7 @@ def test_pair_parts_are_disjoint_equal_slices_in_order():
 
 @pytest.mark.slow
 def test_toy_table_script_runs_quick(tmp_path):
-    """The table script end to end at a tiny scale (random tiny model if assets/toy-sd is absent)."""
+    """The table script end to end at a tiny scale, on the shipped toy base."""
     import subprocess
     import sys
     from pathlib import Path

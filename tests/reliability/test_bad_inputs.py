@@ -18,7 +18,7 @@ from PIL import Image
 
 from diffalign.cli import main
 from diffalign.data import DatasetFormatError, PairTransform, PreferencePairs, collate_pairs
-from diffalign.testing import base_config, png_bytes
+from fixtures.data import base_config, png_bytes
 from diffalign.training import checkpoint as ckpt
 from diffalign.training.config import ConfigError, parse_config
 

@@ -10,16 +10,18 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from diffalign.testing import base_config
+from fixtures.data import base_config
 from diffalign.training import checkpoint as ckpt
 
 CMD = [sys.executable, "-m", "diffalign.cli", "train"]
+CRASH_AT = Path(__file__).resolve().parents[1] / "fixtures" / "crash_at.py"  # the CLI, killed at a set point
 
 
 def logged_steps(out_dir) -> int:
@@ -27,11 +29,13 @@ def logged_steps(out_dir) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def run(cfg_path, *extra, env=None, kill_at_step=None, out_dir=None):
-    """Run ``diffalign train``; with ``kill_at_step``, SIGKILL it as soon as that many steps are logged."""
+def run(cfg_path, *extra, crash_at=None, kill_at_step=None, out_dir=None):
+    """Run ``diffalign train``; with ``kill_at_step``, SIGKILL it as soon as that many steps are logged; with
+    ``crash_at`` (``checkpoint:4``), it kills itself there (``fixtures/crash_at.py``)."""
+    cmd = [sys.executable, str(CRASH_AT), crash_at, "--", "train"] if crash_at else CMD
     log = open(cfg_path.with_suffix(".log"), "w+b")
-    proc = subprocess.Popen([*CMD, str(cfg_path), *extra], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    proc = subprocess.Popen([*cmd, str(cfg_path), *extra], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline:
         if kill_at_step is not None and logged_steps(out_dir) >= kill_at_step:
@@ -66,7 +70,7 @@ def test_sigkill_and_resume_is_bit_identical(objective, tmp_path):
     assert code == 0, out[-3000:]
 
     # 1) killed while checkpoint-4 is half written: the .partial folder must never be used
-    code, _ = run(tmp_path / "killed.yaml", env={"DIFFALIGN_FAULT": "checkpoint:4"})
+    code, _ = run(tmp_path / "killed.yaml", crash_at="checkpoint:4")
     assert code == -signal.SIGKILL
     ckdir = tmp_path / "killed" / "checkpoints"
     assert (ckdir / "checkpoint-4.partial").exists()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from diffalign.testing import base_config
+from fixtures.data import base_config
 from diffalign.training import checkpoint as ckpt
 from diffalign.training.config import parse_config
 from diffalign.training.trainer import NonFiniteError, PreferenceTrainer

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from diffalign.data import ResumableSampler
-from diffalign.testing import base_config
+from fixtures.data import base_config
 from diffalign.training import checkpoint as ckpt
 
 TORCHRUN = shutil.which("torchrun")

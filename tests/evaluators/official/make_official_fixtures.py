@@ -4,7 +4,7 @@ The official packages cannot live in diffalign's environment (pins: hpsv2 -> pro
 image-reward -> timm==0.6.13, fairscale, and transformers < 4.4x), so they run once in side venvs and their scores
 are committed as ``tests/evaluators/data/official_scores.json``. Stages (run from the repository root):
 
-    # 1. tiny weights, written by diffalign's own tiny builders (main environment)
+    # 1. tiny weights, by the tests' builders (tests/fixtures/tiny_scorers.py; main environment)
     python tests/evaluators/official/make_official_fixtures.py weights /tmp/official
     # 2. side venv A (python -m venv --system-site-packages): torchmetrics==1.9.0, hpsv2==1.2.0 --no-deps, clint,
     #    plus open_clip's bpe_simple_vocab_16e6.txt.gz copied into hpsv2/src/open_clip/ (missing from the wheel)
@@ -28,6 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parents[1]))  # tests/: the tiny builders are fixtures.tiny_scorers
 
 import _evaluator_cases as _cases
 
@@ -38,7 +39,7 @@ def _case_list():
 
 
 def stage_weights(out: Path) -> None:
-    from diffalign.evaluators import tiny
+    from fixtures import tiny_scorers as tiny
 
     tiny.save_tiny_clip(out / "clip")
     tiny.save_tiny_hps(out / "hpsv2", "v2.0")
