@@ -14,20 +14,29 @@ import torch
 
 
 def pipeline_from_components(components):
-    """A diffusers pipeline (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``) over the components."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    """A diffusers pipeline over the components (sharing their modules): ``StableDiffusionPipeline``,
+    ``StableDiffusionXLPipeline`` (with a DDIM sampler), ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (with a
+    copy of the flow scheduler, so sampling never touches the training one)."""
+    import diffusers
 
-    sched = DDIMScheduler.from_config(components.noise_scheduler.config)
-    if components.is_sdxl:
-        return StableDiffusionXLPipeline(
-            vae=components.vae, text_encoder=components.text_encoder, text_encoder_2=components.text_encoder_2,
-            tokenizer=components.tokenizer, tokenizer_2=components.tokenizer_2, unet=components.unet,
-            scheduler=sched,
+    c = components
+    if c.is_flow:
+        sched = type(c.noise_scheduler).from_config(c.noise_scheduler.config)
+        common = dict(transformer=c.transformer, scheduler=sched, vae=c.vae, text_encoder=c.text_encoder,
+                      tokenizer=c.tokenizer, text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2)
+        if c.family == "sd3":
+            return diffusers.StableDiffusion3Pipeline(**common, text_encoder_3=c.text_encoder_3,
+                                                      tokenizer_3=c.tokenizer_3)
+        return diffusers.FluxPipeline(**common)
+    sched = diffusers.DDIMScheduler.from_config(c.noise_scheduler.config)
+    if c.is_sdxl:
+        return diffusers.StableDiffusionXLPipeline(
+            vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, tokenizer=c.tokenizer,
+            tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=sched,
         )
-    return StableDiffusionPipeline(
-        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-        unet=components.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
+    return diffusers.StableDiffusionPipeline(
+        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=sched,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 

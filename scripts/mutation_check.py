@@ -175,8 +175,8 @@ MUTATIONS: list[Mutation] = [
       "InPO winner and loser inverted to different t"),
     # ---------------------------------------------------------------- recipes: noise sharing
     m("trainer-independent-noise", "diffalign/training/trainer.py",
-      "x0_pairs, self.components.noise_scheduler.config.num_train_timesteps, share=self.config.share_noise,",
-      "x0_pairs, self.components.noise_scheduler.config.num_train_timesteps, share=False,", [T_NOISE],
+      "return pair_timesteps_and_noise(x0_pairs, scheduler, share=self.config.share_noise,",
+      "return pair_timesteps_and_noise(x0_pairs, scheduler, share=False,", [T_NOISE],
       "the trainer (every recipe but InPO's) draws independent noise for winner and loser while `share_noise` is on"),
     # ---------------------------------------------------------------- PPD branch
     m("ppd-reference-sees-user", "diffalign/personalization/trainer.py",

@@ -41,7 +41,9 @@ def _check(cond: bool, key: str, msg: str):
 class LoRAConfig:
     rank: int = field(default=8, metadata={"help": "LoRA rank r."})
     alpha: float | None = field(default=None, metadata={"help": "LoRA α (scale α/r); default α = r."})
-    target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    target_modules: list[str] | None = field(default=None, metadata={
+        "help": "Modules that get adapters; null = the family's: to_k/q/v/out.0 (U-Nets), plus the context "
+                "stream's add_k/q/v_proj and to_add_out (sd3, flux), as the diffusers LoRA scripts."})
     dropout: float = 0.0
     init: str = field(default="gaussian", metadata={
         "help": "peft init: 'gaussian' (B = 0, policy == reference)."})
@@ -50,14 +52,15 @@ class LoRAConfig:
         _check(self.rank >= 1, f"{key}.rank", f"must be >= 1, got {self.rank}")
         _check(self.alpha is None or self.alpha > 0, f"{key}.alpha", f"must be > 0, got {self.alpha}")
         _check(0 <= self.dropout < 1, f"{key}.dropout", f"must be in [0, 1), got {self.dropout}")
-        _check(len(self.target_modules) > 0, f"{key}.target_modules", "must name at least one module")
+        _check(self.target_modules is None or len(self.target_modules) > 0, f"{key}.target_modules",
+               "must name at least one module (or null for the family's)")
 
 
 @dataclass
 class ModelConfig:
     pretrained: str | None = field(default=None, metadata={"help": "Hub id or local diffusers folder."})
     family: str = field(default="auto", metadata={
-        "help": "sd15 | sd21 | sdxl | auto (from model_index.json)."})
+        "help": "sd15 | sd21 | sdxl | sd3 (SD3/SD3.5) | flux | auto (from model_index.json)."})
     revision: str | None = None
     variant: str | None = field(default=None, metadata={"help": "e.g. 'fp16' weight files."})
     vae: str | None = field(default=None, metadata={
@@ -65,14 +68,16 @@ class ModelConfig:
     prediction_type: str | None = field(default=None, metadata={"help": "Force 'epsilon' or 'v_prediction'."})
     attention: str = field(default="sdpa", metadata={"help": "sdpa | xformers | math."})
     gradient_checkpointing: bool = False
+    flux_guidance: float = field(default=3.5, metadata={
+        "help": "FLUX-dev's guidance input while training (diffusers' FLUX LoRA script default)."})
     lora: LoRAConfig | None = field(
         default_factory=LoRAConfig,
         metadata={"help": "LoRA settings; null = full fine-tuning (frozen ref copy)."},
     )
 
     def validate(self):
-        _check(self.family in ("auto", "sd15", "sd21", "sdxl"), "model.family",
-               f"must be one of auto, sd15, sd21, sdxl, got {self.family!r}")
+        _check(self.family in ("auto", "sd15", "sd21", "sdxl", "sd3", "flux"), "model.family",
+               f"must be one of auto, sd15, sd21, sdxl, sd3, flux, got {self.family!r}")
         _check(self.pretrained is not None or self.family != "auto", "model.pretrained",
                "is required (a hub id or local folder), or set model.family to use its default id")
         _check(self.attention in ("sdpa", "xformers", "math"), "model.attention",
@@ -143,6 +148,30 @@ class OptimizerConfig:
 
 
 @dataclass
+class FlowConfig:
+    """How rectified-flow models (sd3, flux) draw t: u by ``timestep_sampling``, then the training grid's
+    timestep at ⌊u·T⌋ (diffusers' ``compute_density_for_timestep_sampling``). Ignored by U-Nets."""
+
+    timestep_sampling: str = field(default="logit_normal", metadata={
+        "help": "logit_normal (SD3 default) | mode | uniform."})
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+
+    def validate(self):
+        self.timestep_sampling_options()
+
+    def timestep_sampling_options(self):
+        """The options as :class:`diffalign.likelihood.FlowTimestepSampling` (a ConfigError when invalid)."""
+        from ..likelihood import FlowTimestepSampling
+
+        try:
+            return FlowTimestepSampling(self.timestep_sampling, self.logit_mean, self.logit_std, self.mode_scale)
+        except ValueError as err:
+            raise ConfigError(f"flow: {err}") from None
+
+
+@dataclass
 class ValidationConfig:
     every: int | None = field(default=None, metadata={
         "help": "Write a PNG grid every N steps (null: never)."})
@@ -176,8 +205,8 @@ class TrainConfig:
     seed: int = 0
     share_noise: bool = field(default=True, metadata={"help": "Winner and loser share t and ε (official)."})
     weighting: str = field(default="none", metadata={
-        "help": "ω(λ_t) on each per-sample error: none (official) | snr (the x0-error: ε-error/λ_t) | "
-                "min_snr (γ = snr_gamma)."})
+        "help": "ω on each per-sample error: none (official) | U-Nets: snr (the x0-error: ε-error/λ_t), "
+                "min_snr (γ = snr_gamma) | sd3/flux: sigma_sqrt, cosmap (diffusers' SD3 weightings)."})
     snr_gamma: float = 5.0
     checkpoint_every: int | None = 500
     keep_last_checkpoints: int | None = None
@@ -189,6 +218,7 @@ class TrainConfig:
         "help": "Stop after this many NaN/inf steps in a row."})
     report_to: str | None = field(default="tensorboard", metadata={"help": "tensorboard or null."})
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def validate(self):
@@ -196,14 +226,15 @@ class TrainConfig:
         self.dataset.validate()
         self.optimizer.validate()
         self.validation.validate()
+        self.flow.validate()
         _check(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
         _check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
         _check(self.gradient_accumulation_steps > 0, "gradient_accumulation_steps",
                f"must be > 0, got {self.gradient_accumulation_steps}")
         _check(self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision",
                f"must be no, fp16 or bf16, got {self.mixed_precision!r}")
-        _check(self.weighting in ("none", "snr", "min_snr"), "weighting",
-               f"must be none, snr or min_snr, got {self.weighting!r}")
+        _check(self.weighting in ("none", "snr", "min_snr", "sigma_sqrt", "cosmap"), "weighting",
+               f"must be none, snr, min_snr (U-Nets), sigma_sqrt or cosmap (sd3, flux), got {self.weighting!r}")
         _check(self.checkpoint_every is None or self.checkpoint_every > 0, "checkpoint_every",
                f"must be > 0 or null, got {self.checkpoint_every}")
         _check(self.keep_last_checkpoints is None or self.keep_last_checkpoints > 0, "keep_last_checkpoints",

@@ -27,6 +27,7 @@ step                        does                                                
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -40,16 +41,17 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import EmbeddingCache, PairTransform, PreferencePairs, ResumableSampler, cache_key, collate_pairs
-from ..likelihood import PairErrors, pair_timesteps_and_noise, preference_errors
+from ..likelihood import FLOW_WEIGHTINGS, WEIGHTINGS, PairErrors, pair_timesteps_and_noise, preference_errors
 from ..models import (
-    AdapterDisabledReference,
     Components,
-    FrozenCopyReference,
     UNetCondition,
-    UNetDenoiser,
     add_lora,
+    default_target_modules,
     load_components,
+    make_denoiser,
+    make_reference,
     save_lora,
+    scale_latents,
     set_attention_backend,
 )
 from ..models.text import build_condition, encode_prompts, sdxl_time_ids
@@ -82,6 +84,36 @@ def _check_world_size(num_processes: int) -> None:
             "on GPUs with `accelerate launch -m diffalign.cli train ...`")
 
 
+# What the flow transformers (SD3/FLUX) do not run yet, and why.
+FLOW_UNSUPPORTED = {
+    "inpo": "InPO inverts the DDPM sampler (DDIM); a flow-ODE inversion is not built yet",
+    "seppo": "SePPO samples its losers with the U-Net DDIM sampler; a flow sampler is not wired in yet",
+    "ppd": "PPD's user branch sits next to U-Net cross-attention; SD3/FLUX use joint attention",
+}
+
+
+def _check_flow_support(components, cfg) -> None:
+    """One line, before anything trains, for what a flow model cannot run: an objective, an attention backend, a
+    weighting of the other scheduler family (``snr``/``min_snr`` are DDPM; ``sigma_sqrt``/``cosmap`` flow)."""
+    from .config import ConfigError
+
+    name, family = cfg.objective.name, components.family
+    if not components.is_flow:
+        if cfg.weighting not in WEIGHTINGS:
+            raise ConfigError(f"weighting: {cfg.weighting!r} is for flow models (sd3, flux); {family} takes "
+                              f"{', '.join(WEIGHTINGS)}")
+        return
+    if name in FLOW_UNSUPPORTED:
+        raise ConfigError(f"objective: {name} does not run on {family} yet ({FLOW_UNSUPPORTED[name]}); "
+                          "use dpo, mapo or dcpo")
+    if cfg.model.attention != "sdpa":
+        raise ConfigError(f"model.attention: {family} transformers run their own SDPA joint attention; "
+                          f"{cfg.model.attention!r} applies to U-Nets only")
+    if cfg.weighting not in FLOW_WEIGHTINGS:
+        raise ConfigError(f"weighting: {cfg.weighting!r} is for DDPM U-Nets; {family} takes "
+                          f"{', '.join(FLOW_WEIGHTINGS)}")
+
+
 def _check_sharding(distributed_type) -> None:
     """Checkpoints and the export hold whole weights on each process (DDP): refuse sharded launches up front."""
     from accelerate.utils import DistributedType
@@ -90,13 +122,6 @@ def _check_sharding(distributed_type) -> None:
         raise LaunchError(f"{distributed_type.value} is not supported yet: checkpoints and the export assume every "
                           "process holds the whole weights. Launch with DDP (`accelerate launch` without an "
                           "FSDP/DeepSpeed config) and LoRA, which fits SD1.5/SDXL on one GPU each")
-
-
-def native_resolution(components) -> int:
-    """The pixel size the model was trained at: U-Net ``sample_size`` x the VAE's downsampling factor."""
-    size = components.unet.config.sample_size
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    return int(size) * 2 ** (len(components.vae.config.block_out_channels) - 1)
 
 
 class RunExistsError(RuntimeError):
@@ -186,6 +211,7 @@ class PreferenceTrainer:
                 prediction_type=m.prediction_type,
             )
         c = self.components
+        _check_flow_support(c, cfg)
         if m.prediction_type is not None:
             c.noise_scheduler.register_to_config(prediction_type=m.prediction_type)
         # The VAE stays fp32 (fp16 SD/SDXL VAEs overflow to NaN); text encoders run in the mixed-precision
@@ -194,8 +220,9 @@ class PreferenceTrainer:
             frozen.requires_grad_(False).eval().to(acc.device)
             if frozen is not c.vae and self.weight_dtype != torch.float32:
                 frozen.to(dtype=self.weight_dtype)
-        unet = c.unet
-        set_attention_backend(unet, m.attention)
+        unet = c.denoiser_module  # the trained network: a U-Net, or the SD3/FLUX transformer
+        if not c.is_flow:  # the transformers keep their own (SDPA) joint-attention processors
+            set_attention_backend(unet, m.attention)
         if m.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
 
@@ -208,7 +235,7 @@ class PreferenceTrainer:
         # Before accelerate.prepare: a frozen copy must not copy accelerate's forward wrappers.
         self.reference = self.build_reference(unet) if spec.needs_reference else None
         self.unet, self.optimizer = acc.prepare(unet, self.optimizer)
-        self.policy = UNetDenoiser(self.unet)
+        self.policy = make_denoiser(c.family, self.unet, m.flux_guidance)
         self.ema = None
         if cfg.ema_decay is not None:
             from diffusers.training_utils import EMAModel
@@ -223,7 +250,7 @@ class PreferenceTrainer:
 
         d = cfg.dataset
         if d.resolution is None:
-            d.resolution = native_resolution(c)
+            d.resolution = c.native_resolution
         transform = PairTransform(d.resolution, d.center_crop, d.random_flip)
         self.dataset = PreferencePairs(
             d.source, split=d.split, transform=transform, keep_ties=d.keep_ties, max_samples=d.max_samples,
@@ -272,7 +299,8 @@ class PreferenceTrainer:
 
     # ------------------------------------------------------------------ named steps recipes override
     def configure_model(self, unet) -> None:
-        """Decide what trains: LoRA adapters on a frozen U-Net (``model.lora``), else the whole U-Net."""
+        """Decide what trains: LoRA adapters on the frozen network (``model.lora``; target modules default to the
+        family's, :func:`~diffalign.models.default_target_modules`), else the whole network."""
         m, device = self.config.model, self.accelerator.device
         if m.lora is None:
             unet.requires_grad_(True).to(device)
@@ -280,18 +308,19 @@ class PreferenceTrainer:
         unet.requires_grad_(False).to(device)
         if self.weight_dtype != torch.float32:
             unet.to(dtype=self.weight_dtype)
-        add_lora(unet, m.lora.rank, m.lora.alpha, m.lora.target_modules, m.lora.dropout, m.lora.init)
+        targets = m.lora.target_modules or default_target_modules(self.components.family)
+        add_lora(unet, m.lora.rank, m.lora.alpha, targets, m.lora.dropout, m.lora.init)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters that train, in a fixed order: the optimizer, EMA and the log line all take this list."""
-        return [p for p in self.components.unet.parameters() if p.requires_grad]
+        return [p for p in self.components.denoiser_module.parameters() if p.requires_grad]
 
     def build_reference(self, unet):
-        """The frozen model of the objective's log-ratio: the same U-Net with adapters disabled (LoRA), else a
+        """The frozen model of the objective's log-ratio: the same network with adapters disabled (LoRA), else a
         frozen copy taken now (full fine-tuning)."""
-        if self.config.model.lora is not None:
-            return AdapterDisabledReference(unet)
-        return FrozenCopyReference(unet, dtype=self.weight_dtype)
+        m = self.config.model
+        return make_reference(self.components.family, unet, frozen_copy=m.lora is None, dtype=self.weight_dtype,
+                              guidance_scale=m.flux_guidance)
 
     def export(self) -> None:
         """Write the trained weights to ``output_dir``: the LoRA (``pipeline.load_lora_weights`` reads it) or the
@@ -317,7 +346,8 @@ class PreferenceTrainer:
 
     # ------------------------------------------------------------------ one step's math
     def encode_latents(self, batch: dict) -> torch.Tensor:
-        """``[winners; losers]`` VAE latents (2B, C, h, w), ``z = (μ + σ ξ) · scaling_factor``."""
+        """``[winners; losers]`` VAE latents (2B, C, h, w), ``z = (μ + σ ξ − shift_factor) · scaling_factor``
+        (no shift for SD1.x/SDXL)."""
         c, acc = self.components, self.accelerator
         b = batch["size"]
         mean = std = None
@@ -347,7 +377,7 @@ class PreferenceTrainer:
                              torch.empty((b, *lm.shape[1:]), device=acc.device))
             mean[batch["latent_rows"]], std[batch["latent_rows"]] = lm, ls
         xi = torch.randn(mean.shape, generator=self.generator).to(acc.device)
-        z = (mean + std * xi) * c.vae.config.scaling_factor  # (B, 2, C, h, w)
+        z = scale_latents(c.vae, mean + std * xi)  # (B, 2, C, h, w): (x − shift) · scale
         return torch.cat([z[:, 0], z[:, 1]]).to(self.weight_dtype)  # (2B, C, h, w): winners then losers
 
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -389,10 +419,10 @@ class PreferenceTrainer:
 
     def noise(self, x0_pairs: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor]:
         """``(t (2B,), ε (2B, ...))`` for the forward process, shared by winner and loser with ``share_noise``."""
-        return pair_timesteps_and_noise(
-            x0_pairs, self.components.noise_scheduler.config.num_train_timesteps, share=self.config.share_noise,
-            generator=self.generator,
-        )
+        scheduler = self.components.noise_scheduler
+        sampling = self.config.flow.timestep_sampling_options() if self.components.is_flow else None
+        return pair_timesteps_and_noise(x0_pairs, scheduler, share=self.config.share_noise,
+                                        generator=self.generator, timestep_sampling=sampling)
 
     def errors(self, x0_pairs: torch.Tensor, cond, t: torch.Tensor, noise: torch.Tensor) -> PairErrors:
         """Per-sample errors of the policy (with grad) and the reference (without) on the same ``(x_t, t, c)``."""
@@ -695,9 +725,8 @@ class PreferenceTrainer:
         """A diffusers pipeline over the current (unwrapped) policy, for validation and demos."""
         from ..inference import pipeline_from_components
 
-        c = self.components
-        view = Components(c.family, self.accelerator.unwrap_model(self.unet), c.vae, c.text_encoder,
-                          c.tokenizer, c.noise_scheduler, c.text_encoder_2, c.tokenizer_2, c.source)
+        c, trained = self.components, self.accelerator.unwrap_model(self.unet)
+        view = dataclasses.replace(c, **{"transformer" if c.is_flow else "unet": trained})
         return pipeline_from_components(view)
 
     def validate(self):

@@ -8,8 +8,9 @@ import warnings
 
 import pytest
 import torch
-from fixtures.tiny_flow import T5_LEN, VAE_SCALE, VAE_SHIFT, flow_pipeline, save_tiny_flow_pipeline
+from fixtures.tiny_flow import T5_LEN, VAE_SCALE, VAE_SHIFT, save_tiny_flow_pipeline
 
+from diffalign.inference import pipeline_from_components
 from diffalign.models import (
     FLOW_TARGET_MODULES,
     FlowCondition,
@@ -140,7 +141,7 @@ def test_missing_folder_or_part_is_one_line(folders, tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_text_features_equal_the_pipelines_encode_prompt(folders, kind):
     c = _load(folders, kind)
-    pipe = flow_pipeline(c)
+    pipe = pipeline_from_components(c)
     with torch.no_grad():
         feats = encode_prompts(c, PROMPTS)
         if c.family == "sd3":
@@ -340,7 +341,7 @@ def test_lora_reload_check_and_frozen_reference(folders, family, tmp_path):
         assert torch.allclose(reloaded, den(x, t, cond), atol=1e-6)
         assert torch.allclose(frozen(x, t, cond), den(x, t, cond), atol=1e-6)
         assert not torch.allclose(frozen(x, t, cond), base, atol=1e-4)
-    pipe = flow_pipeline(_load(folders, family))
+    pipe = pipeline_from_components(_load(folders, family))
     with captured_messages() as messages:
         load_lora_into_pipeline(pipe, tmp_path)  # diffalign's loader: checked, and silent
     assert messages == []
