@@ -574,3 +574,155 @@ def job_evaluators(workdir: str, names: list[str], batch_sizes: list[int], num_i
                          "batch_size": bs, "images": num_images, "image_size": image_size, "median_s": med,
                          "images_per_s": num_images / med if med else None, "status": "ok"})
     return {"evaluators": rows, "loadavg": loadavg()}
+
+
+# ------------------------------------------------------------------ flow transformers (issue 20): flow_grpo vs ours
+def _make_flow(world, workdir: Path, name: str, device, cache_dir: Path | None, fresh_cache: bool = True):
+    """A ``step(indices)`` callable of flow strategy ``name`` on ``world`` (its own components)."""
+    from .flow_strategies import FlowGrpoStep, OursFlowStep
+
+    if name in ("flow_grpo", "flow_grpo_body"):
+        s = FlowGrpoStep(world, world.components, device)
+        if name == "flow_grpo_body":
+            return s, lambda idx: s.step(idx, precomputed=True)
+        return s, s.step
+    if cache_dir is not None and fresh_cache:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    s = OursFlowStep(world, world.components, workdir / f"out-{world.name}-{name}-{os.getpid()}", cache_dir, device)
+    return s, s.step
+
+
+def job_flow_strategy(world: str, workdir: str, num_pairs: int, strategy: str, warmup: int, steps: int,
+                      cache_dir: str | None = None, device: str = "cpu", flops: bool = True,
+                      partial_path: str | None = None) -> dict:
+    """One flow strategy alone in this process: warm-up + ``steps`` timed steps; the process's peak RSS is this
+    configuration's. ``ours_cached`` steps over the batches an ``ours_first_epoch`` job filled ``cache_dir``
+    with; ``flow_grpo_body`` over batch 0 (its inputs computed before the first step)."""
+    workdir = Path(workdir)
+    with memory_guard():
+        t0 = time.perf_counter()
+        w = build_world(world, workdir, num_pairs)
+        desc = w.describe()
+        cache = Path(cache_dir) if cache_dir else None
+        s, step = _make_flow(w, workdir, strategy, device, cache, fresh_cache=strategy == "ours_first_epoch")
+        del w
+        trim_memory()
+        b = desc["batch_pairs"]
+        if strategy == "flow_grpo_body":
+            s.precomputed[tuple(batch(0, b))] = s.inputs(batch(0, b))
+        build_s = time.perf_counter() - t0
+        build_peak = peak_rss_gib()
+        times, losses, load, flop_count = [], [], [loadavg()], None
+        phase = PhasePeak(device).__enter__()  # the training steps' own peak, without the world build's
+        for k in range(warmup + steps):
+            idx = batch(0, b) if strategy == "flow_grpo_body" else batch(k, b)
+            if k == 0 and flops:
+                sync(device)
+                start = time.perf_counter()
+                flop_count, loss = count_flops(step, idx)
+                sync(device)
+                dt = time.perf_counter() - start
+            else:
+                dt, loss = timed(step, idx, device=device)
+            losses.append(loss)
+            if k >= warmup:
+                times.append(dt)
+            load.append(loadavg())
+            _save_partial(partial_path, {"strategy": strategy, "world": world, "step_times_s": times,
+                                         "median_step_s": median(times), "flops_per_step": flop_count,
+                                         "steps_done": k + 1, "peak_rss_gib_so_far": peak_rss_gib(),
+                                         "loadavg": load})
+        phase.__exit__(None, None, None)
+        result = {"strategy": strategy, "world": world, "world_description": desc, "step_times_s": times,
+                  "median_step_s": median(times), "losses": losses, "flops_per_step": flop_count,
+                  "build_s": build_s, "loadavg": load, "timing": "isolated process, one strategy",
+                  "build_peak_rss_gib": build_peak, "steps_peak_rss_gib": phase.value_gib}
+        trainer = getattr(s, "trainer", None)
+        if trainer is not None and trainer.cache is not None:
+            result["cache"] = {"hits": trainer.cache.hits, "misses": trainer.cache.misses}
+        if str(device).startswith("cuda"):
+            result["cuda_max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return result
+
+
+def job_flow_interleaved(world: str, workdir: str, num_pairs: int, strategies: list[str], reps: int,
+                         warmup: int = 1, device: str = "cpu", count: bool = True) -> dict:
+    """The flow strategies in one process, one step of each per repetition, order rotated every repetition.
+
+    One set of VAE and text encoders; two transformers: ours (adapter ``default``) and flow_grpo's (adapters
+    ``learner`` + ``ref``), the second a copy of the first taken before any adapter (sharing the frozen
+    positional-embedding buffer). ``flow_grpo`` and ``flow_grpo_body`` step the same flow_grpo model;
+    ``ours_first_epoch`` and ``ours_cached`` the same trainer. Repetition r: ``flow_grpo`` and ``ours_first_epoch``
+    step on batch ``warmup + r`` (never seen: for ours a cache miss), ``flow_grpo_body`` and ``ours_cached`` on
+    batch 0 (inputs precomputed / cache hit). Also records every loss, and how far each trained LoRA moved.
+    """
+    from .flow_strategies import FlowGrpoStep, OursFlowStep, copy_transformer
+
+    workdir = Path(workdir)
+    if warmup < 1:
+        raise ValueError("job_flow_interleaved needs warmup >= 1 (the cached batch is filled during warm-up)")
+    with memory_guard():
+        w = build_world(world, workdir, num_pairs)
+        desc = w.describe()
+        b = w.batch_pairs
+        fg = ours = None
+        steps = {}
+        if any(s.startswith("flow_grpo") for s in strategies):
+            fg_transformer = copy_transformer(w.components.transformer)
+        if any(s.startswith("ours") for s in strategies):
+            cache = workdir / f"cache-{world}-flow-interleaved-{os.getpid()}"
+            shutil.rmtree(cache, ignore_errors=True)
+            ours = OursFlowStep(w, w.components, workdir / f"out-{world}-flow-interleaved-{os.getpid()}", cache,
+                                device)
+            ours_before = ours.lora_state()
+            steps.update(ours_first_epoch=ours.step, ours_cached=ours.step)
+        if any(s.startswith("flow_grpo") for s in strategies):
+            fg = FlowGrpoStep(w, w.components, device, transformer=fg_transformer)
+            del fg_transformer
+            fg_before = fg.learner_state()
+            fg.precomputed[tuple(batch(0, b))] = fg.inputs(batch(0, b))
+            steps.update(flow_grpo=fg.step, flow_grpo_body=lambda idx: fg.step(idx, precomputed=True))
+        trim_memory()
+        losses = {name: [] for name in strategies}
+        flops = {}
+        for k in range(warmup):
+            for name in strategies:
+                idx = batch(0, b) if name == "flow_grpo_body" else batch(k, b)
+                if k == 0 and count:
+                    flops[name], loss = count_flops(steps[name], idx)
+                else:
+                    loss = steps[name](idx)
+                losses[name].append(loss)
+        times = {name: [] for name in strategies}
+        peaks = {name: [] for name in strategies}
+        load = [loadavg()]
+        for r in range(reps):
+            rot = r % len(strategies)
+            for name in strategies[rot:] + strategies[:rot]:
+                idx = batch(0, b) if name in ("ours_cached", "flow_grpo_body") else batch(warmup + r, b)
+                if name == "ours_first_epoch" and set(idx) & ours.seen:
+                    raise RuntimeError(f"batch {idx} is already cached; the index plan is broken")
+                with PhasePeak(device) as peak:
+                    dt, loss = timed(steps[name], idx, device=device)
+                times[name].append(dt)
+                peaks[name].append(peak.value_gib)
+                losses[name].append(loss)
+            load.append(loadavg())
+        moved = lambda after, before: max(float((a - b_).abs().max()) for a, b_ in zip(after, before))
+        out = {"world": world, "world_description": desc, "reps": reps, "warmup": warmup,
+               "timing": "interleaved in one process, order rotated per repetition", "loadavg": load,
+               "strategies": {n: {"step_times_s": t, "median_step_s": median(t), "flops_per_step": flops.get(n),
+                                  "losses": losses[n], "step_peak_rss_gib": max((p for p in peaks[n] if p),
+                                                                                default=None)}
+                              for n, t in times.items()}}
+        if ours is not None:
+            out["ours_lora_max_abs_change"] = moved(ours.lora_state(), ours_before)
+            out["ours_trainable_params"] = sum(p.numel() for p in ours_before)
+            if ours.trainer.cache is not None:
+                out["cache"] = {"hits": ours.trainer.cache.hits, "misses": ours.trainer.cache.misses}
+        if fg is not None:
+            out["flow_grpo_learner_max_abs_change"] = moved(fg.learner_state(), fg_before)
+            out["flow_grpo_trainable_params"] = sum(p.numel() for p in fg_before)
+        if str(device).startswith("cuda"):
+            out["cuda_max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return out

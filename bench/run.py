@@ -5,6 +5,7 @@
     python bench/run.py --configs sd15 --sections strategies --out bench/results/sd15.json
     python bench/run.py --device cuda           # GPU: pairs/s, torch.cuda.max_memory_allocated, MFU
     python bench/run.py --report bench/results/full.json   # print the markdown tables of a results file
+    python bench/run.py --configs sd35m --sections flow --out bench/results/sd35m-flow.json   # flow_grpo vs ours
 
 Sections (``--sections``, default all):
 
@@ -18,6 +19,11 @@ Sections (``--sections``, default all):
 * ``epochs``: the real ``PreferenceTrainer.train()`` loop on the toy world, epoch 1 (cache fills) vs epoch 2+.
 * ``evaluators``: images/s of each scorer per batch size, on the tiny scorer configs.
 * ``profile``: ``torch.profiler`` top ops of the ours step (cached and first epoch); runs inside ``ablations``.
+* ``flow``: on the flow worlds (``sd35m``, ``sd3_tiny``): flow_grpo's Flow-DPO step (``flow_grpo``: VAE + three
+  text encoders every step, two LoRA adapters learner/ref; ``flow_grpo_body``: the same on precomputed inputs)
+  against ours (first epoch / cached), same components, β, seed, batch, fp32. Time interleaved in one process,
+  peak RSS from one fresh process per strategy (``bench/flow_strategies.py``). ``strategies`` on a flow world
+  runs this section; the U-Net sections do not apply to flow worlds.
 
 Threads: ``--threads`` (default 1) sets ``torch.set_num_threads`` in every job. On a machine shared with other
 workers, two OpenMP threads on two busy cores spin-wait on each other (toy steps went from 0.4 s to 2-20 s), so
@@ -39,9 +45,10 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` and ``diffalign
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.measure import PhasePeak, loadavg, machine_info, median, ratio, run_isolated
+from bench.worlds import FLOW_WORLDS
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("strategies", "ablations", "compile", "epochs", "evaluators", "profile")
+SECTIONS = ("strategies", "ablations", "compile", "epochs", "evaluators", "profile", "flow")
 STRATS = ("official", "diffusers", "ours_first_epoch", "ours_cached")
 # Isolated jobs run in this order: ours_cached reads the cache ours_first_epoch filled; the official strategy, the
 # largest (two full U-Nets + AdamW state), goes last so that a kill for memory loses nothing else.
@@ -60,7 +67,19 @@ DEFINITIONS = {
     "ours_vs_<baseline>_time_ratio": "median step time of ours_cached / that of the baseline (< 1: ours faster)",
     "ours_first_epoch_vs_<baseline>_time_ratio": "the same for the first-epoch (cache miss) step",
     "ours_vs_<baseline>_peak_rss_ratio": "peak RSS of the ours_cached process / the baseline's process (CPU)",
+    "flow_grpo": "yifan123/flow_grpo scripts/train_sd3_dpo.py @ ac4c86e Flow-DPO loop body on offline pairs: VAE "
+                 "encode + CLIP-L/CLIP-G/T5 every step, LoRA r=32 a=64 adapters learner (trained) + ref (frozen, "
+                 "set_adapter), winner+loser batched, beta=100, EMA every 8 steps",
+    "flow_grpo_body": "the same loop body on latents/embeddings computed once per batch (what the online script "
+                      "trains on: its sampler supplies them); interleaved timing only",
+    "ours_vs_flow_grpo_time_ratio": "median step of ours_cached / median step of flow_grpo, interleaved (< 1: ours "
+                                    "faster)",
+    "ours_vs_flow_grpo_peak_rss_ratio": "peak RSS of the ours_cached process / the flow_grpo process (CPU; GPU: "
+                                        "torch.cuda.max_memory_allocated)",
 }
+FLOW_STRATS = ("flow_grpo", "flow_grpo_body", "ours_first_epoch", "ours_cached")
+# ours_cached reads the cache ours_first_epoch filled; flow_grpo_body's memory is flow_grpo's (run on request)
+FLOW_ISOLATED = ("flow_grpo", "ours_first_epoch", "ours_cached")
 # Dense peak FLOP/s for MFU (vendor datasheets, SXM parts). fp32 training on GPU uses TF32 tensor cores when
 # torch.backends.cuda.matmul.allow_tf32 is set; otherwise the plain fp32 peak.
 PEAK_TFLOPS = {
@@ -77,7 +96,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[2:8]))
     p.add_argument("--quick", action="store_true", help="toy world only, few repetitions (< 5 min on 2 cores)")
-    p.add_argument("--configs", default=None, help="comma list of toy,sd15 (default: toy with --quick, else both)")
+    p.add_argument("--configs", default=None, help="comma list of toy,sd15,sd35m,sd3_tiny (default: toy with "
+                   "--quick, else toy,sd15; sd35m/sd3_tiny are the flow worlds of --sections flow)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {','.join(SECTIONS)}")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per strategy/variant")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps per job")
@@ -120,6 +140,8 @@ class Plan:
     def reps(self, world: str, what: str) -> int:
         if self.args.reps is not None:
             return self.args.reps
+        if world in ("sd35m", "sd3_tiny"):
+            return {"strategies": 4, "isolated": 2}.get(what, 1) if world == "sd35m" else 2
         if world == "toy":
             return {"strategies": 5, "isolated": 3, "ablations": 3, "compile": 3}[what] if self.quick else \
                 {"strategies": 10, "isolated": 5, "ablations": 6, "compile": 5}[what]
@@ -127,7 +149,7 @@ class Plan:
 
     def num_pairs(self, world: str) -> int:
         # enough distinct batches that every cache-miss step sees pairs never seen before
-        b = 8 if world == "toy" else 1
+        b = {"toy": 8, "sd3_tiny": 2}.get(world, 1)
         r = max(self.reps(world, w) for w in ("strategies", "isolated", "ablations"))
         return b * max(16, 2 * r + self.args.warmup + 6)
 
@@ -320,6 +342,99 @@ def _estimate_official(e: dict, isolated: dict) -> None:
                      "measured on the same parameters; peak = that process's ru_maxrss + the AdamW state")
 
 
+def bench_flow(args, plan, world: str) -> dict:
+    """flow_grpo's Flow-DPO step against ours on a flow world: each strategy alone in a fresh process (peak memory,
+    isolated times), then all interleaved in one process (the time ratios)."""
+    wd = str(Path(args.workdir))
+    n = plan.num_pairs(world)
+    wanted = args.strategies.split(",") if args.strategies else list(FLOW_STRATS)
+    isolated = {s: [] for s in FLOW_STRATS}
+    if args.isolation == "process":
+        cache = str(Path(wd) / f"cache-{world}-flow-isolated")
+        for s in [s for s in FLOW_STRATS if s in wanted and (s in FLOW_ISOLATED or args.strategies)]:
+            partial = Path(wd) / f"flow-{world}-{s}-partial.json"
+            partial.unlink(missing_ok=True)
+            out = run_job(args, "job_flow_strategy", dict(
+                world=world, workdir=wd, num_pairs=n, strategy=s, warmup=args.warmup,
+                steps=plan.reps(world, "isolated"), cache_dir=cache if s.startswith("ours") else None,
+                device=args.device, partial_path=str(partial)))
+            if out.get("status") != "ok" and partial.exists():
+                out["partial"] = json.loads(partial.read_text())
+            isolated[s].append(out)
+    inter = {"status": "not run"}
+    if not args.no_interleaved:
+        inter = run_job(args, "job_flow_interleaved", dict(world=world, workdir=wd, num_pairs=n,
+                                                           strategies=[s for s in FLOW_STRATS if s in wanted],
+                                                           reps=plan.reps(world, "strategies"), warmup=args.warmup,
+                                                           device=args.device))
+    return summarize_flow(world, inter, isolated)
+
+
+def summarize_flow(world: str, inter: dict, isolated: dict) -> dict:
+    entries = {}
+    inter_ok = inter.get("status") == "ok"
+    gpu = any(x.get("cuda_max_memory_allocated_gib") for runs in isolated.values() for x in runs)
+    for s in FLOW_STRATS:
+        runs = [x for x in isolated.get(s, []) if x.get("status") == "ok"]
+        iso_times = [t for x in runs for t in x.get("step_times_s", [])]
+        inter_s = (inter.get("strategies") or {}).get(s) if inter_ok else None
+        mem_key = "cuda_max_memory_allocated_gib" if gpu else "peak_rss_gib"
+        e = {
+            "definition": DEFINITIONS.get(s),
+            "median_step_s_interleaved": inter_s["median_step_s"] if inter_s else None,
+            "step_times_s_interleaved": inter_s["step_times_s"] if inter_s else [],
+            "losses_interleaved": inter_s["losses"] if inter_s else [],
+            "median_step_s_isolated": median(iso_times), "step_times_s_isolated": iso_times,
+            "peak_rss_gib": max((x[mem_key] for x in runs if x.get(mem_key)), default=None),
+            "peak_rss_source": ("isolated process, torch.cuda.max_memory_allocated" if gpu else
+                                "isolated process (ru_maxrss)") if runs else None,
+            "flops_per_step": next((x.get("flops_per_step") for x in runs if x.get("flops_per_step")),
+                                   (inter_s or {}).get("flops_per_step")),
+            "loadavg_during": [x.get("loadavg") for x in runs],
+            "status": "ok" if (runs or inter_s) else "; ".join(
+                f"{x.get('status')}: {str(x.get('error', ''))[:300]}" for x in isolated.get(s, [])) or "not run",
+        }
+        # the steps' own high-water mark (VmHWM reset after the world build; the build's random init can peak above
+        # the steady state, and is the same for every strategy)
+        e["steps_peak_rss_gib"] = max((x["steps_peak_rss_gib"] for x in runs if x.get("steps_peak_rss_gib")),
+                                      default=None)
+        e["build_peak_rss_gib"] = max((x["build_peak_rss_gib"] for x in runs if x.get("build_peak_rss_gib")),
+                                      default=None)
+        if e["peak_rss_gib"] is None and inter_s and inter_s.get("step_peak_rss_gib"):
+            e["peak_rss_gib_interleaved_process"] = inter_s["step_peak_rss_gib"]
+        e["median_step_s"] = e["median_step_s_interleaved"] or e["median_step_s_isolated"]
+        e["timing_source"] = "interleaved" if e["median_step_s_interleaved"] else (
+            "isolated" if e["median_step_s_isolated"] else "none")
+        entries[s] = e
+    for s in ("ours_first_epoch", "ours_cached"):
+        entries[s]["definition"] = DEFINITIONS[s].replace("PreferenceTrainer step", "PreferenceTrainer step (sd3, "
+                                                          "LoRA r=32 a=64, reference = adapters disabled)")
+    ratios, sources = {}, {}
+
+    def time_ratio(a, b):
+        ea, eb = entries[a], entries[b]
+        if ea["median_step_s_interleaved"] and eb["median_step_s_interleaved"]:
+            return ratio(ea["median_step_s_interleaved"], eb["median_step_s_interleaved"]), "interleaved"
+        return ratio(ea["median_step_s_isolated"], eb["median_step_s_isolated"]), "isolated"
+
+    for ours_key, prefix in (("ours_cached", "ours"), ("ours_first_epoch", "ours_first_epoch")):
+        for base in ("flow_grpo", "flow_grpo_body"):
+            key = f"{prefix}_vs_{base}_time_ratio"
+            ratios[key], sources[key] = time_ratio(ours_key, base)
+        ratios[f"{prefix}_vs_flow_grpo_peak_rss_ratio"] = ratio(entries[ours_key]["peak_rss_gib"],
+                                                                entries["flow_grpo"]["peak_rss_gib"])
+        ratios[f"{prefix}_vs_flow_grpo_steps_peak_rss_ratio"] = ratio(entries[ours_key]["steps_peak_rss_gib"],
+                                                                      entries["flow_grpo"]["steps_peak_rss_gib"])
+        f_ours, f_base = entries[ours_key]["flops_per_step"], entries["flow_grpo"]["flops_per_step"]
+        ratios[f"{prefix}_vs_flow_grpo_flops_ratio"] = ratio(f_ours, f_base)
+    over, sources["cached_vs_first_epoch_speedup"] = time_ratio("ours_cached", "ours_first_epoch")
+    ratios["cached_vs_first_epoch_speedup"] = 1 / over if over else None
+    checks = {k: inter.get(k) for k in ("ours_lora_max_abs_change", "flow_grpo_learner_max_abs_change",
+                                        "ours_trainable_params", "flow_grpo_trainable_params", "cache")}
+    return {"entries": entries, "ratios": ratios, "ratio_timing_sources": sources, "checks": checks,
+            "interleaved_job": inter, "isolated_jobs": isolated}
+
+
 def add_throughput(args, world_desc: dict, strat: dict, gpu: str | None):
     for e in strat["entries"].values():
         t, f = e.get("median_step_s"), e.get("flops_per_step")
@@ -420,8 +535,43 @@ def _f(x, nd=3):
     return str(x)
 
 
-def markdown(results: dict) -> str:
+def flow_markdown(results: dict) -> list[str]:
     lines = []
+    for world, cfg in results["configs"].items():
+        fl = cfg.get("flow")
+        if not fl:
+            continue
+        d = cfg.get("world", {})
+        lines += [f"### {world}: {d.get('source', '')}, {d.get('resolution')} px, {d.get('batch_pairs')} pair(s)/step, "
+                  f"transformer {d.get('transformer_layers')} blocks", "",
+                  "| strategy | median s/step | timing | alone s/step | peak memory GiB | steps' peak GiB | "
+                  "TFLOP/step | vs flow_grpo time | vs flow_grpo_body time | vs flow_grpo memory | "
+                  "vs flow_grpo steps' peak |", "|" + "---|" * 11]
+        r = fl["ratios"]
+        for name, e in fl["entries"].items():
+            pre = {"ours_cached": "ours", "ours_first_epoch": "ours_first_epoch"}.get(name)
+            flops = e["flops_per_step"] / 1e12 if e["flops_per_step"] else None
+            lines.append("| " + " | ".join([
+                name, _f(e["median_step_s"]), e["timing_source"], _f(e["median_step_s_isolated"]),
+                _f(e["peak_rss_gib"], 2), _f(e.get("steps_peak_rss_gib"), 2), _f(flops, 4),
+                _f(r.get(f"{pre}_vs_flow_grpo_time_ratio")) if pre else "",
+                _f(r.get(f"{pre}_vs_flow_grpo_body_time_ratio")) if pre else "",
+                _f(r.get(f"{pre}_vs_flow_grpo_peak_rss_ratio")) if pre else "",
+                _f(r.get(f"{pre}_vs_flow_grpo_steps_peak_rss_ratio")) if pre else ""]) + " |")
+        lines.append("")
+        c = fl.get("checks") or {}
+        lines += [f"LoRA moved (max |Δ|): ours {_f(c.get('ours_lora_max_abs_change'), 6)}, flow_grpo learner "
+                  f"{_f(c.get('flow_grpo_learner_max_abs_change'), 6)}; trainable params ours "
+                  f"{c.get('ours_trainable_params')}, flow_grpo {c.get('flow_grpo_trainable_params')}; "
+                  f"ours cache {c.get('cache')}", ""]
+        for name, e in fl["entries"].items():
+            if e["status"] != "ok":
+                lines += [f"{name}: {e['status'][:400]}", ""]
+    return lines
+
+
+def markdown(results: dict) -> str:
+    lines = flow_markdown(results)
     for world, cfg in results["configs"].items():
         st = cfg.get("strategies")
         if not st:
@@ -545,6 +695,23 @@ def main(argv=None) -> dict:
         cfg = results["configs"].setdefault(world, {})
         from bench.worlds import build_world
 
+        if world in FLOW_WORLDS:
+            if plan.sections & {"flow", "strategies"}:
+                cfg["flow"] = flow = bench_flow(args, plan, world)
+                jobs = [flow["interleaved_job"]] + [j for js in flow["isolated_jobs"].values() for j in js]
+                cfg["world"] = next((j["world_description"] for j in jobs if j.get("world_description")),
+                                    {"world": world, "batch_pairs": 1})
+                add_throughput(args, cfg["world"], flow, info.get("gpu"))
+                for s, e in flow["entries"].items():
+                    results["entries"].append({"config": world, "strategy": s, "median_step_s": e["median_step_s"],
+                                               "peak_rss_gib": e["peak_rss_gib"], "pairs_per_s": e.get("pairs_per_s"),
+                                               "timing_source": e["timing_source"]})
+                cfg.update(flow["ratios"])
+            skipped = plan.sections - {"flow", "strategies", "epochs", "evaluators"}
+            if skipped:
+                print(f"  ({world} is a flow world: sections {sorted(skipped)} run on the U-Net worlds only)")
+            _write(out_path, results)
+            continue
         cfg["world"] = build_world(world, Path(args.workdir), plan.num_pairs(world)).describe() if world == "toy" \
             else _sd15_description()
         if "strategies" in plan.sections:

@@ -8,6 +8,9 @@ download:
 * :mod:`~diffalign.toy.oracle`: a pixel-level reward (caption fidelity + a taste for bigger shapes).
 * ``assets/toy-sd``: a ``StableDiffusionPipeline`` pretrained from scratch by :mod:`~diffalign.toy.pretrain`.
 * ``assets/toy-pairs``: oracle-labelled pairs in the Pick-a-Pic v2 schema, made by :mod:`~diffalign.toy.pairs`.
+* The toy **flow** world (:mod:`~diffalign.toy.flow`): ``assets/toy-flow``, a ``StableDiffusion3Pipeline`` (small
+  MMDiT, two small CLIP encoders, no T5, toy-sd's VAE) pretrained by :mod:`~diffalign.toy.flow_pretrain`, and
+  ``assets/toy-flow-pairs`` labelled by the same oracle.
 
     >>> from diffusers import StableDiffusionPipeline
     >>> from diffalign import toy
@@ -23,6 +26,8 @@ import os
 from pathlib import Path
 
 from .components import (
+    DEFAULT_FLOW_GUIDANCE_SCALE,
+    DEFAULT_FLOW_NUM_INFERENCE_STEPS,
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_NUM_INFERENCE_STEPS,
     ToyModelConfig,
@@ -64,6 +69,16 @@ def toy_pairs_path() -> Path:
     return assets_path() / "toy-pairs"
 
 
+def toy_flow_path() -> Path:
+    """The shipped toy flow pipeline, ``assets/toy-flow`` (``StableDiffusion3Pipeline.from_pretrained``)."""
+    return assets_path() / "toy-flow"
+
+
+def toy_flow_pairs_path() -> Path:
+    """The shipped pairs of the flow world, ``assets/toy-flow-pairs`` (same schema as ``toy-pairs``)."""
+    return assets_path() / "toy-flow-pairs"
+
+
 def load_toy_pipeline(path: str | os.PathLike | None = None):
     """``StableDiffusionPipeline.from_pretrained(path or toy_model_path())`` with the progress bar off."""
     from diffusers import StableDiffusionPipeline
@@ -76,6 +91,8 @@ def load_toy_pipeline(path: str | os.PathLike | None = None):
 __all__ = [
     "ASSETS_ENV",
     "COLOURS",
+    "DEFAULT_FLOW_GUIDANCE_SCALE",
+    "DEFAULT_FLOW_NUM_INFERENCE_STEPS",
     "DEFAULT_GUIDANCE_SCALE",
     "DEFAULT_NUM_INFERENCE_STEPS",
     "IMAGE_SIZE",
@@ -96,6 +113,8 @@ __all__ = [
     "parse_caption",
     "render",
     "render_batch",
+    "toy_flow_pairs_path",
+    "toy_flow_path",
     "toy_model_path",
     "toy_pairs_path",
     "train_prompts",

@@ -8,6 +8,7 @@ USAGE = """usage: python -m diffalign.toy <command> [args]
 
 commands:
   pretrain     train the toy text-to-image pipeline from scratch (assets/toy-sd)
+  pretrain-flow  train the toy SD3-style flow pipeline from scratch (assets/toy-flow)
   make-pairs   sample and oracle-label a Pick-a-Pic-schema preference set (assets/toy-pairs)"""
 
 
@@ -19,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "pretrain":
         from .pretrain import main as run
+    elif command == "pretrain-flow":
+        from .flow_pretrain import main as run
     elif command == "make-pairs":
         from .pairs import main as run
     else:

@@ -201,6 +201,16 @@ def save_pipeline(pipe, out_dir: str | os.PathLike, cfg: ToyModelConfig) -> Path
 DEFAULT_NUM_INFERENCE_STEPS = 20
 DEFAULT_GUIDANCE_SCALE = 5.0
 DEFAULT_BATCH_SIZE = 64  # images per pipeline call
+# The toy flow world (assets/toy-flow, diffalign.toy.flow): 20 Euler steps of the rectified-flow ODE and CFG 5, and
+# the 77 zero "T5" tokens the trainer also uses for a T5-less SD3 (the pipeline's own default would be 256).
+DEFAULT_FLOW_NUM_INFERENCE_STEPS = 20
+DEFAULT_FLOW_GUIDANCE_SCALE = 5.0
+FLOW_MAX_SEQUENCE_LENGTH = 77
+
+
+def is_flow_pipeline(pipe) -> bool:
+    """A ``StableDiffusion3Pipeline`` (the toy flow world) rather than the U-Net toy pipeline."""
+    return type(pipe).__name__.startswith("StableDiffusion3")
 
 
 def generate(
@@ -208,18 +218,27 @@ def generate(
     prompts: list[str],
     seeds: list[int],
     *,
-    num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     **kwargs,
 ) -> list:
-    """One 32x32 PIL image per ``(prompt, seed)``: :func:`diffalign.inference.generate` with the toy defaults.
+    """One 32x32 PIL image per ``(prompt, seed)``: :func:`diffalign.inference.generate` with the toy defaults
+    (steps and guidance None: ``DEFAULT_*`` of the pipeline's world, U-Net or flow; a flow pipeline also gets
+    ``max_sequence_length`` = :data:`FLOW_MAX_SEQUENCE_LENGTH`).
 
     Seed rule: each image's initial noise comes from its own ``torch.Generator("cpu").manual_seed(seed)``, so an image
     depends on its prompt and seed only, not on the batch it is generated in (up to one uint8 level of batched
     rounding); the same seeds give paired samples from two models (base vs aligned). Extra ``kwargs`` go to the
     pipeline call.
     """
+    flow = is_flow_pipeline(pipe)
+    if num_inference_steps is None:
+        num_inference_steps = DEFAULT_FLOW_NUM_INFERENCE_STEPS if flow else DEFAULT_NUM_INFERENCE_STEPS
+    if guidance_scale is None:
+        guidance_scale = DEFAULT_FLOW_GUIDANCE_SCALE if flow else DEFAULT_GUIDANCE_SCALE
+    if flow:
+        kwargs.setdefault("max_sequence_length", FLOW_MAX_SEQUENCE_LENGTH)
     return inference.generate(
         pipe, prompts, seeds, batch_size=batch_size, num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale, height=IMAGE_SIZE, width=IMAGE_SIZE, **kwargs,

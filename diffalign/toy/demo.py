@@ -8,6 +8,10 @@
    ``samples.png`` (base row above aligned row, prompt and oracle reward under each image), ``curves.png``
    (training loss against the ln 2 of step 0, and the implicit reward margin), and the
    LoRA in ``pytorch_lora_weights.safetensors`` that ``pipeline.load_lora_weights(out)`` reads.
+
+``--world flow`` runs the same on the toy flow world: LoRA Flow-DPO (DPO on rectified-flow velocity errors) on
+``assets/toy-flow`` (a ``StableDiffusion3Pipeline``) with ``assets/toy-flow-pairs``, settings
+:data:`FLOW_DEMO_DEFAULTS`.
 """
 
 from __future__ import annotations
@@ -35,15 +39,43 @@ DEMO_DEFAULTS = {
 }
 
 
-def demo_config(out_dir: str | Path, seed: int = 0, **overrides) -> dict:
-    """The training config the demo runs (a plain dict, as a YAML file would give)."""
-    from . import toy_model_path, toy_pairs_path
+# The toy flow world (assets/toy-flow): LoRA on the sd3 default targets (the joint attention's image and context
+# q/k/v/out, target_modules null). β for mean velocity errors: see FLOW_BETA_NOTE in assets/README.md.
+FLOW_DEMO_DEFAULTS = {
+    "max_steps": 150,
+    "batch_size": 8,
+    "learning_rate": 1e-3,
+    "beta": 1000.0,
+    "rank": 8,
+    "eval_images_per_prompt": 4,
+    "target_modules": None,
+}
+WORLDS = ("sd", "flow")
 
-    o = {**DEMO_DEFAULTS, **overrides}
+
+def world_defaults(world: str = "sd") -> dict:
+    """:data:`DEMO_DEFAULTS` (``sd``, the U-Net toy world) or :data:`FLOW_DEMO_DEFAULTS` (``flow``)."""
+    if world not in WORLDS:
+        raise ValueError(f"world must be one of {WORLDS}, got {world!r}")
+    return DEMO_DEFAULTS if world == "sd" else FLOW_DEMO_DEFAULTS
+
+
+def world_paths(world: str = "sd") -> tuple[Path, Path]:
+    """(pipeline folder, pairs folder) of a toy world."""
+    from . import toy_flow_pairs_path, toy_flow_path, toy_model_path, toy_pairs_path
+
+    world_defaults(world)
+    return (toy_model_path(), toy_pairs_path()) if world == "sd" else (toy_flow_path(), toy_flow_pairs_path())
+
+
+def demo_config(out_dir: str | Path, seed: int = 0, world: str = "sd", **overrides) -> dict:
+    """The training config the demo runs (a plain dict, as a YAML file would give)."""
+    model, pairs = world_paths(world)
+    o = {**world_defaults(world), **overrides}
     return {
-        "model": {"pretrained": str(toy_model_path()),
+        "model": {"pretrained": str(model),
                   "lora": {"rank": o["rank"], "alpha": o["rank"], "target_modules": o["target_modules"]}},
-        "dataset": {"source": str(toy_pairs_path()), "resolution": 32, "random_flip": False},
+        "dataset": {"source": str(pairs), "resolution": 32, "random_flip": False},
         "objective": o.get("objective") or {"name": "dpo", "beta": o["beta"]},
         "output_dir": str(out_dir),
         "max_steps": o["max_steps"],
@@ -70,27 +102,30 @@ def win_rate(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((a > b) + 0.5 * (a == b)))
 
 
-def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, quiet: bool = False, **overrides) -> dict:
-    from ..inference import load_pipeline
+def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, quiet: bool = False, world: str = "sd",
+             **overrides) -> dict:
     from ..training.config import parse_config
     from ..training.trainer import PreferenceTrainer
-    from . import heldout_prompts, toy_model_path
+    from . import heldout_prompts
+    from .flow import load_world_pipeline
 
     out_dir = Path(out_dir)
     start = time.time()
-    cfg = parse_config(demo_config(out_dir, seed, **overrides))
+    cfg = parse_config(demo_config(out_dir, seed, world, **overrides))
     trainer = PreferenceTrainer(cfg).setup(overwrite=True)
     trainer.train()
     trainer.cleanup()
     train_seconds = time.time() - start
 
-    k = overrides.get("eval_images_per_prompt", DEMO_DEFAULTS["eval_images_per_prompt"])
+    k = overrides.get("eval_images_per_prompt", world_defaults(world)["eval_images_per_prompt"])
     prompts = [p for p in heldout_prompts() for _ in range(k)]
     seeds = [10_000 * seed + i for i in range(len(prompts))]
-    base, base_images = evaluate(load_pipeline(str(toy_model_path()), device="cpu"), prompts, seeds)
-    aligned, aligned_images = evaluate(load_pipeline(str(toy_model_path()), out_dir, device="cpu"), prompts, seeds)
+    model = str(world_paths(world)[0])
+    base, base_images = evaluate(load_world_pipeline(model), prompts, seeds)
+    aligned, aligned_images = evaluate(load_world_pipeline(model, out_dir), prompts, seeds)
 
     report = {
+        "world": world,
         "seed": seed,
         "base_reward": float(base.mean()),
         "aligned_reward": float(aligned.mean()),
@@ -184,11 +219,15 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="diffalign demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=DEMO_DEFAULTS["max_steps"])
+    p.add_argument("--world", choices=WORLDS, default="sd",
+                   help="sd: the U-Net toy world (assets/toy-sd, toy-pairs); flow: the SD3-style toy world "
+                        "(assets/toy-flow, toy-flow-pairs), Flow-DPO")
+    p.add_argument("--max-steps", type=int, default=None, help="default: the world's (150)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a 2-core machine more threads are slower, up to "
                         "10x when the machine is busy; the README's figures are on 1 thread)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
-    run_demo(args.out, args.seed, max_steps=args.max_steps)
+    steps = args.max_steps or world_defaults(args.world)["max_steps"]
+    run_demo(args.out, args.seed, world=args.world, max_steps=steps)
     return 0

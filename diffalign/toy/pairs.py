@@ -1,9 +1,11 @@
 """Oracle-labelled preference pairs from the toy pipeline, in the Pick-a-Pic v2 schema.
 
     python -m diffalign.toy make-pairs --model assets/toy-sd --out assets/toy-pairs --n-pairs 780 --seed 0
+    python -m diffalign.toy make-pairs --model assets/toy-flow --out assets/toy-flow-pairs --n-pairs 780 --seed 0
 
 Pair ``k`` uses TRAIN prompt ``k mod 78`` and two seeds, ``seed_0 = 10⁶·seed + 2k`` and ``seed_1 = seed_0 + 1``; the two
-images come from the base pipeline with :func:`diffalign.toy.components.generate` defaults and are scored by
+images come from the base pipeline (the U-Net toy-sd or the SD3-style toy-flow) with
+:func:`diffalign.toy.components.generate` defaults of its world and are scored by
 :func:`diffalign.toy.oracle.oracle_reward`. The higher reward wins (``label = 1.0`` vs ``0.0``); when the rewards
 differ by at most ``tie_margin`` the pair is a tie, ``0.5 / 0.5``, as in Pick-a-Pic (Diffusion-DPO drops ties).
 
@@ -17,7 +19,7 @@ jpg_0, jpg_1      binary     PNG bytes (Pick-a-Pic's column names; any PIL-reada
 label_0, label_1  float64    1.0 / 0.0 for winner / loser, 0.5 / 0.5 for a tie
 user_id           int64      0: every label comes from the oracle
 ranking_id        int64      pair index k
-model_0, model_1  string     ``"toy-sd"``
+model_0, model_1  string     the model folder's name (``"toy-sd"``, ``"toy-flow"``)
 has_label         bool       True
 are_different     bool       the two PNGs differ
 seed_0, seed_1    int64      generator seeds of the two images
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .components import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, generate
+from .components import generate
 from .oracle import oracle_terms
 from .shapes import heldout_prompts, train_prompts
 
@@ -65,11 +67,13 @@ def make_pairs(
     *,
     seed: int = 0,
     tie_margin: float = 0.01,
-    num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     progress: bool = True,
+    model_name: str = MODEL_NAME,
 ) -> tuple[dict[str, list], dict]:
-    """Generate, score and label ``n_pairs`` pairs. Returns the columns (see module doc) and summary statistics."""
+    """Generate, score and label ``n_pairs`` pairs. Returns the columns (see module doc) and summary statistics.
+    Steps and guidance None: the defaults of the pipeline's world (:func:`diffalign.toy.generate`)."""
     from tqdm.auto import tqdm
 
     prompts = train_prompts()
@@ -97,8 +101,8 @@ def make_pairs(
         "label_1": label_1.tolist(),
         "user_id": [0] * n_pairs,
         "ranking_id": list(range(n_pairs)),
-        "model_0": [MODEL_NAME] * n_pairs,
-        "model_1": [MODEL_NAME] * n_pairs,
+        "model_0": [model_name] * n_pairs,
+        "model_1": [model_name] * n_pairs,
         "has_label": [True] * n_pairs,
         "are_different": [a != b for a, b in zip(png_0, png_1)],
         "seed_0": seeds_0,
@@ -171,16 +175,23 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from ..inference import load_pipeline
+    from .components import (
+        DEFAULT_FLOW_GUIDANCE_SCALE,
+        DEFAULT_FLOW_NUM_INFERENCE_STEPS,
+        DEFAULT_GUIDANCE_SCALE,
+        DEFAULT_NUM_INFERENCE_STEPS,
+        is_flow_pipeline,
+    )
+    from .flow import load_world_pipeline
 
     p = argparse.ArgumentParser(prog="python -m diffalign.toy make-pairs", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="toy pipeline folder (e.g. assets/toy-sd)")
+    p.add_argument("--model", required=True, help="toy pipeline folder (assets/toy-sd or assets/toy-flow)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n-pairs", type=int, default=780)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tie-margin", type=float, default=0.01)
-    p.add_argument("--steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS, help="DDIM steps")
-    p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the world's, 20)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the world's, 5)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (0: leave torch's default)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -188,18 +199,22 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.model, device="cpu")
+    pipe = load_world_pipeline(args.model)
+    flow = is_flow_pipeline(pipe)
+    steps = args.steps or (DEFAULT_FLOW_NUM_INFERENCE_STEPS if flow else DEFAULT_NUM_INFERENCE_STEPS)
+    guidance = args.guidance_scale if args.guidance_scale is not None else (
+        DEFAULT_FLOW_GUIDANCE_SCALE if flow else DEFAULT_GUIDANCE_SCALE)
     columns, stats = make_pairs(
-        pipe, args.n_pairs, seed=args.seed, tie_margin=args.tie_margin, num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale, progress=not args.no_progress,
+        pipe, args.n_pairs, seed=args.seed, tie_margin=args.tie_margin, num_inference_steps=steps,
+        guidance_scale=guidance, progress=not args.no_progress, model_name=Path(args.model).resolve().name,
     )
     path = write_pairs(columns, args.out)
     report = {
         "model": str(args.model),
         "seed": args.seed,
         "tie_margin": args.tie_margin,
-        "num_inference_steps": args.steps,
-        "guidance_scale": args.guidance_scale,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
         "stats": stats,
         "parquet_bytes": path.stat().st_size,
         "wall_time_s": round(time.perf_counter() - t0, 1),

@@ -272,6 +272,23 @@ def evaluate(pipe, cfg: PretrainConfig) -> dict:
     return report
 
 
+def training_data(cfg, tokenizer) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """The rendered TRAIN-prompt data of ``cfg`` (its ``n_images``, ``seed`` and jitters): images uint8
+    (N, 32, 32, 3), ``prompt_index`` (N,) into the prompt rows, and ``prompt_ids`` (P + 1, L): the tokenized
+    TRAIN prompts, then the empty prompt (caption dropout). Shared by the U-Net and the flow pretraining."""
+    prompts = train_prompts()
+    captions = sample_captions(cfg.n_images, cfg.seed, prompts)
+    images, _ = render_batch(  # (N, 32, 32, 3) uint8
+        captions, cfg.seed, cfg.aspect_jitter, cfg.shade_jitter, cfg.background_jitter, cfg.cast_jitter)
+    lookup = {p: i for i, p in enumerate(prompts)}
+    prompt_index = torch.tensor([lookup[c] for c in captions])
+    prompt_ids = tokenizer(
+        prompts + [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids  # (P + 1, L)
+    return images, prompt_index, prompt_ids
+
+
 def pretrain(
     cfg: PretrainConfig, out_dir: str | Path | None, *, progress: bool = True, run_eval: bool = True
 ) -> dict:
@@ -285,16 +302,7 @@ def pretrain(
     components = build_components(cfg.model, seed=cfg.seed)
     tokenizer = components["tokenizer"]
 
-    prompts = train_prompts()
-    captions = sample_captions(cfg.n_images, cfg.seed, prompts)
-    images, _ = render_batch(  # (N, 32, 32, 3) uint8
-        captions, cfg.seed, cfg.aspect_jitter, cfg.shade_jitter, cfg.background_jitter, cfg.cast_jitter)
-    lookup = {p: i for i, p in enumerate(prompts)}
-    prompt_index = torch.tensor([lookup[c] for c in captions])
-    prompt_ids = tokenizer(
-        prompts + [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids  # (P + 1, L)
+    images, prompt_index, prompt_ids = training_data(cfg, tokenizer)
 
     timings: dict[str, float] = {}
     with tqdm(total=cfg.vae_steps + cfg.unet_steps, desc="pretrain toy-sd", disable=not progress) as bar:

@@ -1,7 +1,7 @@
 """The SePPO recipe: winners from the data, losers sampled on-policy by a reference checkpoint from a pool.
 
 Per step: draw a reference snapshot from the pool (``uniform`` / ``initial`` / ``latest``), sample x_r for the
-batch prompts with it (no grad, DDIM + CFG): that is the :meth:`~SemiPolicyTrainer.inputs` step; the rest is the
+batch prompts with it (no grad, DDIM + CFG for U-Nets, flow-ODE Euler steps for SD3/FLUX): that is the :meth:`~SemiPolicyTrainer.inputs` step; the rest is the
 shared recipe: one policy call on ``[x_w; x_r]`` and one no-grad call of the snapshot on the same inputs; the SePPO objective applies the anchor-based flipper. A snapshot of the trainable
 weights joins the pool every ``snapshot_every`` steps (the initial one is always kept, then the latest K-1); the
 pool is saved in every checkpoint, so ``--resume`` continues with the same references. LoRA only: a snapshot is
@@ -12,29 +12,49 @@ from __future__ import annotations
 
 import torch
 
-from ..models.denoiser import UNetDenoiser
+from ..models.denoiser import make_denoiser
 from ..models.text import build_condition, sdxl_time_ids
 from ..sampling import sample_latents
 from .trainer import PreferenceTrainer
 
 
-class SnapshotReference(UNetDenoiser):
-    """The policy U-Net evaluated with its trainable weights replaced by ``self.state``, through
-    ``torch.func.functional_call``: the module's own parameters are never touched, so the policy's autograd graph
-    stays valid."""
+class _Reparametrized:
+    """``module`` called with the parameters named in ``state`` replaced (``torch.func.functional_call``, no grad):
+    the module's own parameters are never touched, so the policy's autograd graph stays valid. Other attributes
+    (``config``, …) are the module's."""
 
-    def __init__(self, unet):
-        super().__init__(unet)
+    def __init__(self, module: torch.nn.Module):
+        self._module = module
         self.state: dict[str, torch.Tensor] | None = None
 
-    def __call__(self, x_t, t, cond):
+    def __call__(self, *args, **kwargs):
         from torch.func import functional_call
 
-        kwargs = {"encoder_hidden_states": cond.encoder_hidden_states, "return_dict": False, **cond.extra}
-        if cond.added_cond_kwargs is not None:
-            kwargs["added_cond_kwargs"] = cond.added_cond_kwargs
         with torch.no_grad():
-            return functional_call(self.unet, self.state, (x_t, t), kwargs)[0]
+            return functional_call(self._module, self.state, args, kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_module"], name)
+
+
+class SnapshotReference:
+    """The policy network run with a snapshot of its trainable weights (``state``), through the family's denoiser
+    (U-Net, SD3 or FLUX transformer)."""
+
+    def __init__(self, family: str, module: torch.nn.Module, guidance_scale: float):
+        self._weights = _Reparametrized(module)
+        self._denoiser = make_denoiser(family, self._weights, guidance_scale)
+
+    @property
+    def state(self) -> dict[str, torch.Tensor] | None:
+        return self._weights.state
+
+    @state.setter
+    def state(self, value: dict[str, torch.Tensor]):
+        self._weights.state = value
+
+    def __call__(self, x_t, t, cond):
+        return self._denoiser(x_t, t, cond)
 
 
 class SemiPolicyTrainer(PreferenceTrainer):
@@ -51,7 +71,7 @@ class SemiPolicyTrainer(PreferenceTrainer):
 
     def build_reference(self, unet):
         """A previous checkpoint of the LoRA (drawn from the pool each step), run on the same U-Net."""
-        return SnapshotReference(unet)
+        return SnapshotReference(self.components.family, unet, self.config.model.flux_guidance)
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {n: v.detach().clone().cpu() for n, v in self.trainable_state().items()}
@@ -74,7 +94,8 @@ class SemiPolicyTrainer(PreferenceTrainer):
 
     def inputs(self, batch: dict):
         """``[x_w; x_r]`` (2B, C, h, w): the data's winners, and as losers samples of a reference snapshot from the
-        pool for the same prompts (no grad, DDIM + CFG under the real prompts). The condition is the shared
+        pool for the same prompts (no grad, the family's sampler with CFG under the real prompts:
+        :func:`diffalign.sampling.sample_latents`). The condition is the shared
         :meth:`condition` (prompt dropout included); the reference errors use the same snapshot."""
         p, c = self.config.objective.params, self.components
         b = batch["size"]
@@ -87,7 +108,8 @@ class SemiPolicyTrainer(PreferenceTrainer):
             time_ids = sdxl_time_ids(batch["original_sizes"], batch["crops_top_left"], (r, r))
         cond, uncond = build_condition(text, time_ids), build_condition(empty, time_ids)
         self.reference.state = {k: v.to(self.accelerator.device) for k, v in self.pick_reference().items()}
-        x_r = sample_latents(self.reference, c.noise_scheduler.config, cond, uncond, tuple(x_w.shape),
+        x_r = sample_latents(self.reference, c.noise_scheduler, cond, None if c.family == "flux" else uncond,
+                             tuple(x_w.shape),
                              num_inference_steps=p.sampling_steps, guidance_scale=p.guidance_scale,
                              generator=self.generator, device=x_w.device, dtype=self.weight_dtype)
         return torch.cat([x_w, x_r.to(x_w.dtype)]), self.condition(batch)

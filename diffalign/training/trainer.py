@@ -87,7 +87,6 @@ def _check_world_size(num_processes: int) -> None:
 # What the flow transformers (SD3/FLUX) do not run yet, and why.
 FLOW_UNSUPPORTED = {
     "inpo": "InPO inverts the DDPM sampler (DDIM); a flow-ODE inversion is not built yet",
-    "seppo": "SePPO samples its losers with the U-Net DDIM sampler; a flow sampler is not wired in yet",
     "ppd": "PPD's user branch sits next to U-Net cross-attention; SD3/FLUX use joint attention",
 }
 
@@ -105,7 +104,7 @@ def _check_flow_support(components, cfg) -> None:
         return
     if name in FLOW_UNSUPPORTED:
         raise ConfigError(f"objective: {name} does not run on {family} yet ({FLOW_UNSUPPORTED[name]}); "
-                          "use dpo, mapo or dcpo")
+                          "use dpo, mapo, dcpo or seppo")
     if cfg.model.attention != "sdpa":
         raise ConfigError(f"model.attention: {family} transformers run their own SDPA joint attention; "
                           f"{cfg.model.attention!r} applies to U-Nets only")

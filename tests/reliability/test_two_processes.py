@@ -86,3 +86,33 @@ def test_two_process_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_pat
     ranks = state["ranks"]
     assert len(ranks) == 2 and not torch.equal(ranks[0]["rng"]["generator"], ranks[1]["rng"]["generator"])
     assert ranks[0]["position"] == ranks[1]["position"]
+
+
+MEAN_OVER_RANKS = """
+import json, sys
+from accelerate import Accelerator
+from diffalign.training.trainer import PreferenceTrainer
+
+class Run:  # what _mean_over_ranks reads of a trainer
+    accelerator = Accelerator()
+
+rank = Run.accelerator.process_index
+record = {"loss": 1.0 + 2 * rank, "rewards/accuracies": 0.25 * rank, "a": -rank}  # keys in no sorted order
+print(json.dumps({"rank": rank, "logged": PreferenceTrainer._mean_over_ranks(Run(), record)}), flush=True)
+"""
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
+def test_logged_values_are_means_over_ranks(tmp_path):
+    """Rank r logs loss 1 + 2r, accuracy r/4, a = -r: both ranks log the means (2.0, 0.125, -0.5) under the same
+    keys."""
+    script = tmp_path / "mean_over_ranks.py"
+    script.write_text(MEAN_OVER_RANKS)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
+    assert sorted(ln["rank"] for ln in lines) == [0, 1]
+    for ln in lines:
+        assert ln["logged"] == {"loss": 2.0, "rewards/accuracies": 0.125, "a": -0.5}
