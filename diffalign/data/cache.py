@@ -59,6 +59,9 @@ class EmbeddingCache:
         """Store [winner, loser] posterior stats (2, C, h, w) plus extra tensors (e.g. SDXL sizes)."""
         _atomic_save({"mean": mean, "std": std, **extra}, self._latent_path(index, flip))
 
+    def has_text(self, prompt: str) -> bool:
+        return self._text_path(prompt).exists()
+
     def get_text(self, prompt: str) -> dict[str, torch.Tensor] | None:
         path = self._text_path(prompt)
         return load_file(str(path)) if path.exists() else None

@@ -104,6 +104,9 @@ class DataConfig:
     proportion_empty_prompts: float = field(default=0.0, metadata={"help": "Official DPO used 0.2."})
     cache_dir: str | None = field(default=None, metadata={
         "help": "Cache VAE latents + text embeddings here."})
+    precompute_text: bool = field(default=False, metadata={
+        "help": "With cache_dir: encode every caption once before training, then move the text encoders to the "
+                "CPU, so they (T5-XXL: 4.7 B parameters) take no accelerator memory during the steps."})
     num_workers: int = 0
     min_readable_fraction: float = field(default=0.5, metadata={
         "help": "Stop when fewer than this share of the pairs read so far could be decoded (checked from "
@@ -122,6 +125,8 @@ class DataConfig:
         _check(self.num_workers >= 0, "dataset.num_workers", f"must be >= 0, got {self.num_workers}")
         _check(self.cache_dir is None or self.center_crop, "dataset.cache_dir",
                "the latent cache needs dataset.center_crop: true (random crops cannot be cached)")
+        _check(not self.precompute_text or self.cache_dir is not None, "dataset.precompute_text",
+               "needs dataset.cache_dir (the embeddings are kept there)")
 
 
 @dataclass

@@ -265,6 +265,8 @@ class PreferenceTrainer:
                               max_samples=d.max_samples)
             self.cache = EmbeddingCache(d.cache_dir, cache_key(**key_fields), meta=key_fields)
             self.dataset.latent_cache = self.cache
+            if d.precompute_text:
+                self._precompute_text()
         self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -295,6 +297,22 @@ class PreferenceTrainer:
             # fail at setup, not mid-run, when the columns are missing
             self.dataset.image_captions(0, columns)
         return DualCaptions(params.loser_caption, WordSwap(params.swap_fraction, vocab), captioner, columns)
+
+    def _precompute_text(self):
+        """Every caption of the data set (and the empty prompt) into the cache, encoded once by the main process;
+        then the text encoders move to the CPU. A caption the cache misses later (e.g. DCPO's word swaps) is
+        encoded there."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            captions = sorted({self.dataset.caption(i) for i in range(len(self.dataset))} | {""})
+            todo = [p for p in captions if not self.cache.has_text(p)]
+            for i in tqdm(range(0, len(todo), 64), desc="text embeddings", disable=not todo, dynamic_ncols=True):
+                self.encode_text(todo[i:i + 64])
+        acc.wait_for_everyone()
+        for encoder in self.components.text_encoders():
+            encoder.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ named steps recipes override
     def configure_model(self, unet) -> None:
@@ -386,7 +404,7 @@ class PreferenceTrainer:
         missing = [i for i, f in enumerate(feats) if f is None]
         if missing:
             with torch.no_grad():
-                new = encode_prompts(c, [captions[i] for i in missing], device=acc.device)
+                new = encode_prompts(c, [captions[i] for i in missing], device=c.text_encoder.device)
             for j, i in enumerate(missing):
                 feats[i] = {k: v[j] for k, v in new.items()}
                 if self.cache is not None:
