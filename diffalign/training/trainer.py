@@ -341,12 +341,13 @@ class PreferenceTrainer:
 
     def export(self) -> None:
         """Write the trained weights to ``output_dir``: the LoRA (``pipeline.load_lora_weights`` reads it) or the
-        U-Net."""
+        whole network in the pipeline's subfolder name (``unet/``, or ``transformer/`` for SD3/FLUX)."""
         unet = self.accelerator.unwrap_model(self.unet)
         if self.config.model.lora is not None:
             save_lora(unet, self.output_dir, sdxl=self.components.is_sdxl)
         else:
-            unet.save_pretrained(str(self.output_dir / "unet"), safe_serialization=True)
+            folder = "transformer" if self.components.is_flow else "unet"
+            unet.save_pretrained(str(self.output_dir / folder), safe_serialization=True)
 
     def _make_optimizer(self, params):
         o = self.config.optimizer

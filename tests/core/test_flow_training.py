@@ -178,3 +178,33 @@ def test_precomputed_text_embeddings_keep_the_encoders_out_of_the_steps(flow_dir
         runs[precompute] = ([r["loss"] for r in tr.history], len(calls), devices)
     assert runs[False][1] > 0 and runs[True][1] == 0 and runs[True][2] == {"cpu"}
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-3)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_full_finetuning_keeps_a_frozen_reference_and_exports_the_transformer(family, flow_dirs, pickapic_dir,
+                                                                             tmp_path):
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    tr = _trainer(flow_dirs[family], pickapic_dir, tmp_path / "run", max_steps=2, checkpoint_every=None,
+                  **{"model.lora": None, "optimizer.learning_rate": 1e-3})
+    tr.train()
+    tr.cleanup()
+    assert tr.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the copy equals the policy at step 1
+    cls = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
+    saved = cls.from_pretrained(str(tmp_path / "run" / "transformer"))
+    base = cls.from_pretrained(flow_dirs[family], subfolder="transformer")
+    trained = tr.accelerator.unwrap_model(tr.unet)
+    changed = [n for n, p in saved.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert changed and all(torch.equal(p, dict(trained.named_parameters())[n]) for n, p in saved.named_parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_run(flow_dirs, pickapic_dir, tmp_path):
+    losses = []
+    for on in (False, True):
+        tr = _trainer(flow_dirs["sd3"], pickapic_dir, tmp_path / f"run{on}", max_steps=3, checkpoint_every=None,
+                      **{"model.gradient_checkpointing": on, "optimizer.learning_rate": 1e-2})
+        assert tr.accelerator.unwrap_model(tr.unet).is_gradient_checkpointing == on
+        tr.train()
+        tr.cleanup()
+        losses.append([r["loss"] for r in tr.history])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
