@@ -183,7 +183,7 @@ class ValidationConfig:
     prompts: list[str] = field(default_factory=list)
     num_inference_steps: int = 25
     guidance_scale: float = 7.5
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "Prompt i is drawn with seed + i (diffalign.inference's rule)."})
 
     def validate(self):
         _check(self.every is None or self.every > 0, "validation.every", f"must be > 0, got {self.every}")

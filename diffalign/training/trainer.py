@@ -748,6 +748,7 @@ class PreferenceTrainer:
         return pipeline_from_components(view)
 
     def validate(self):
+        from ..inference import generate
         from .images import save_grid
 
         v, acc = self.config.validation, self.accelerator
@@ -757,12 +758,11 @@ class PreferenceTrainer:
         unet.eval()
         pipe = self.pipeline()
         pipe.set_progress_bar_config(disable=True)
-        g = torch.Generator().manual_seed(v.seed)
         r = self.config.dataset.resolution
-        with torch.no_grad(), torch.autocast(acc.device.type, enabled=self.weight_dtype != torch.float32,
-                                             dtype=self.weight_dtype):
-            images = pipe(v.prompts, num_inference_steps=v.num_inference_steps,
-                          guidance_scale=v.guidance_scale, generator=g, height=r, width=r).images
+        with torch.autocast(acc.device.type, enabled=self.weight_dtype != torch.float32, dtype=self.weight_dtype):
+            images = generate(pipe, v.prompts, [v.seed + i for i in range(len(v.prompts))],
+                              batch_size=len(v.prompts), num_inference_steps=v.num_inference_steps,
+                              guidance_scale=v.guidance_scale, height=r, width=r)
         unet.train()
         out = self.output_dir / "validation" / f"step-{self.step:06d}.png"
         save_grid(images, out)

@@ -208,3 +208,16 @@ def test_gradient_checkpointing_gives_the_same_run(flow_dirs, pickapic_dir, tmp_
         tr.cleanup()
         losses.append([r["loss"] for r in tr.history])
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_validation_images_come_from_the_flow_pipeline(family, flow_dirs, pickapic_dir, tmp_path):
+    from PIL import Image
+
+    tr = _trainer(flow_dirs[family], pickapic_dir, tmp_path / "run", max_steps=2, checkpoint_every=None,
+                  **{"validation.every": 2, "validation.prompts": ["a red circle", "a blue square"],
+                     "validation.num_inference_steps": 2, "validation.guidance_scale": 2.0})
+    tr.train()
+    tr.cleanup()
+    grid = Image.open(tmp_path / "run" / "validation" / "step-000002.png")
+    assert grid.size == (2 * (32 + 2) + 2, 32 + 2 + 2)  # two 32 px images side by side, 2 px padding

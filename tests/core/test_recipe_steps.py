@@ -83,3 +83,17 @@ def test_sharded_launches_stop_with_one_line():
         with pytest.raises(LaunchError, match="not supported yet") as err:
             _check_sharding(sharded)
         assert "\n" not in str(err.value)
+
+
+def test_validation_grid_on_a_unet(tiny_sd15_dir, pickapic_dir, tmp_path):
+    from PIL import Image
+
+    cfg = parse_config(base_config(tiny_sd15_dir, pickapic_dir, tmp_path / "run", max_steps=2, checkpoint_every=None,
+                                   **{"validation.every": 1, "validation.prompts": ["a red circle", "a cat"],
+                                      "validation.num_inference_steps": 2}))
+    tr = PreferenceTrainer(cfg).setup()
+    tr.train()
+    tr.cleanup()
+    for step in (1, 2):
+        grid = Image.open(tmp_path / "run" / "validation" / f"step-{step:06d}.png")
+        assert grid.size == (2 * (32 + 2) + 2, 32 + 2 + 2)
