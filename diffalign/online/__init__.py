@@ -1,0 +1,45 @@
+"""Online RL for diffusion models, the pure-math core: reverse steps that record log-probabilities
+(Flow-GRPO's SDE and CPS steps for rectified flow, DDPO's DDIM step with η > 0), GRPO advantages and the
+clipped-ratio loss with Flow-GRPO's KL, and DiffusionNFT's likelihood-free loss.
+
+Like :mod:`diffalign.objectives`, these are functions of tensors and model outputs; they import torch only.
+The rollout loop and the trainer live above (training layer).
+"""
+
+from .grpo import (
+    OnlineLossOutput,
+    flow_grpo_kl,
+    group_advantages,
+    grpo_loss,
+    nft_loss,
+    nft_optimality,
+    sde_window,
+    train_step_indices,
+)
+from .logprob import (
+    SDE_TYPES,
+    StepOutput,
+    ddim_step_with_logprob,
+    draw_noise,
+    flow_cps_step,
+    flow_sde_step,
+    gaussian_log_prob,
+)
+
+__all__ = [
+    "SDE_TYPES",
+    "OnlineLossOutput",
+    "StepOutput",
+    "ddim_step_with_logprob",
+    "draw_noise",
+    "flow_cps_step",
+    "flow_grpo_kl",
+    "flow_sde_step",
+    "gaussian_log_prob",
+    "group_advantages",
+    "grpo_loss",
+    "nft_loss",
+    "nft_optimality",
+    "sde_window",
+    "train_step_indices",
+]
