@@ -8,6 +8,8 @@ on the stacked ``[uncond; cond]`` batch per step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -22,15 +24,8 @@ def sample_latents(denoiser, scheduler, cond: UNetCondition, uncond: UNetConditi
     """Latents (N, C, h, w) sampled from pure noise. ``scheduler``: the training noise scheduler (a DDPM-family one
     gives DDIM, a flow one Euler on its own inference grid; never modified). ``cond``/``uncond`` hold N rows each;
     ``uncond=None`` or ``guidance_scale == 1`` samples without guidance."""
-    from diffusers import DDIMScheduler
-
     flow = is_flow_scheduler(scheduler)
-    sched = (type(scheduler) if flow else DDIMScheduler).from_config(scheduler.config)
-    if flow and sched.config.get("use_dynamic_shifting"):  # FLUX: σ = linspace(1, 1/N), shifted by token count
-        sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)  # as FluxPipeline
-        sched.set_timesteps(sigmas=sigmas, mu=_flux_mu(sched.config, shape))
-    else:
-        sched.set_timesteps(num_inference_steps)
+    sched = inference_scheduler(scheduler, num_inference_steps, shape)
     x = torch.randn(shape, generator=generator).to(device=device, dtype=torch.float32)
     x = x * getattr(sched, "init_noise_sigma", 1.0)  # flow: pure noise at σ = 1
     n = shape[0]
@@ -48,7 +43,24 @@ def sample_latents(denoiser, scheduler, cond: UNetCondition, uncond: UNetConditi
     return x
 
 
-def _flux_mu(config, shape: tuple[int, ...]) -> float:
+def inference_scheduler(scheduler, num_inference_steps: int, shape: Sequence[int]):
+    """A fresh copy of ``scheduler`` on its inference grid (the one passed in is never modified), as
+    :func:`sample_latents` and :func:`diffalign.online.rollout` use it: the flow scheduler's own class (FLUX's dynamic
+    shifting: :math:`σ` = linspace(1, 1/n) shifted by ``mu`` of the token count, as ``FluxPipeline``), or a
+    ``DDIMScheduler`` from a DDPM-family config."""
+    from diffusers import DDIMScheduler
+
+    flow = is_flow_scheduler(scheduler)
+    sched = (type(scheduler) if flow else DDIMScheduler).from_config(scheduler.config)
+    if flow and sched.config.get("use_dynamic_shifting"):
+        sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
+        sched.set_timesteps(sigmas=sigmas, mu=flux_mu(sched.config, tuple(shape)))
+    else:
+        sched.set_timesteps(num_inference_steps)
+    return sched
+
+
+def flux_mu(config, shape: tuple[int, ...]) -> float:
     """FluxPipeline's shift ``mu``: linear in the packed token count (h/2 · w/2) between the config's
     (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift)."""
     tokens = (shape[-2] // 2) * (shape[-1] // 2)

@@ -2,8 +2,9 @@
 (Flow-GRPO's SDE and CPS steps for rectified flow, DDPO's DDIM step with η > 0), GRPO advantages and the
 clipped-ratio loss with Flow-GRPO's KL, and DiffusionNFT's likelihood-free loss.
 
-Like :mod:`diffalign.objectives`, these are functions of tensors and model outputs; they import torch only.
-The rollout loop and the trainer live above (training layer).
+Like :mod:`diffalign.objectives`, the steps and losses are functions of tensors and model outputs; the rollout
+(:mod:`~diffalign.online.rollout`) runs a denoiser through them and records the trajectory. The trainer lives above
+(training layer).
 """
 
 from .grpo import (
@@ -25,11 +26,13 @@ from .logprob import (
     flow_sde_step,
     gaussian_log_prob,
 )
+from .rollout import Trajectory, rescore, rollout
 
 __all__ = [
     "SDE_TYPES",
     "OnlineLossOutput",
     "StepOutput",
+    "Trajectory",
     "ddim_step_with_logprob",
     "draw_noise",
     "flow_cps_step",
@@ -40,6 +43,8 @@ __all__ = [
     "grpo_loss",
     "nft_loss",
     "nft_optimality",
+    "rescore",
+    "rollout",
     "sde_window",
     "train_step_indices",
 ]
