@@ -221,3 +221,17 @@ def test_validation_images_come_from_the_flow_pipeline(family, flow_dirs, pickap
     tr.cleanup()
     grid = Image.open(tmp_path / "run" / "validation" / "step-000002.png")
     assert grid.size == (2 * (32 + 2) + 2, 32 + 2 + 2)  # two 32 px images side by side, 2 px padding
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_bf16_trains_from_ln2(family, flow_dirs, pickapic_dir, tmp_path):
+    """mixed_precision bf16: the frozen transformer and text encoders in bf16, LoRA weights in fp32, errors in fp32."""
+    tr = _trainer(flow_dirs[family], pickapic_dir, tmp_path / "run", max_steps=2, checkpoint_every=None,
+                  mixed_precision="bf16", **{"optimizer.learning_rate": 1e-2})
+    frozen = {p.dtype for p in tr.accelerator.unwrap_model(tr.unet).parameters() if not p.requires_grad}
+    trained = {p.dtype for p in tr.trainable_parameters()}
+    tr.train()
+    tr.cleanup()
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    assert tr.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert all(math.isfinite(r["loss"]) for r in tr.history)
