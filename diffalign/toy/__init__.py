@@ -8,8 +8,8 @@ download:
 * :mod:`~diffalign.toy.oracle`: a pixel-level reward (caption fidelity + a taste for bigger shapes).
 * ``assets/toy-sd``: a ``StableDiffusionPipeline`` pretrained from scratch by :mod:`~diffalign.toy.pretrain`.
 * ``assets/toy-pairs``: oracle-labelled pairs in the Pick-a-Pic v2 schema, made by :mod:`~diffalign.toy.pairs`.
-* The toy **flow** world (:mod:`~diffalign.toy.flow`): ``assets/toy-flow``, a ``StableDiffusion3Pipeline`` (small
-  MMDiT, two small CLIP encoders, no T5, toy-sd's VAE) pretrained by :mod:`~diffalign.toy.flow_pretrain`, and
+* The toy **flow** world (:mod:`~diffalign.toy.flow`): ``assets/toy-flow``, a ``StableDiffusion3Pipeline``
+  (small MMDiT, two small CLIP encoders, no T5, toy-sd's VAE) pretrained by :mod:`~diffalign.toy.flow_pretrain`, and
   ``assets/toy-flow-pairs`` labelled by the same oracle.
 
     >>> from diffusers import StableDiffusionPipeline

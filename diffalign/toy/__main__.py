@@ -1,4 +1,4 @@
-"""``python -m diffalign.toy {pretrain,make-pairs} ...``: build the toy world's shipped assets."""
+"""``python -m diffalign.toy {pretrain,pretrain-flow,make-pairs} ...``: build the toy world's shipped assets."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import sys
 USAGE = """usage: python -m diffalign.toy <command> [args]
 
 commands:
-  pretrain     train the toy text-to-image pipeline from scratch (assets/toy-sd)
+  pretrain       train the toy text-to-image pipeline from scratch (assets/toy-sd)
   pretrain-flow  train the toy SD3-style flow pipeline from scratch (assets/toy-flow)
-  make-pairs   sample and oracle-label a Pick-a-Pic-schema preference set (assets/toy-pairs)"""
+  make-pairs     sample and oracle-label a Pick-a-Pic-schema preference set (assets/toy-pairs, toy-flow-pairs)"""
 
 
 def main(argv: list[str] | None = None) -> int:

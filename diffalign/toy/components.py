@@ -201,8 +201,8 @@ def save_pipeline(pipe, out_dir: str | os.PathLike, cfg: ToyModelConfig) -> Path
 DEFAULT_NUM_INFERENCE_STEPS = 20
 DEFAULT_GUIDANCE_SCALE = 5.0
 DEFAULT_BATCH_SIZE = 64  # images per pipeline call
-# The toy flow world (assets/toy-flow, diffalign.toy.flow): 20 Euler steps of the rectified-flow ODE and CFG 5, and
-# the 77 zero "T5" tokens the trainer also uses for a T5-less SD3 (the pipeline's own default would be 256).
+# The toy flow world (assets/toy-flow, diffalign.toy.flow): 20 Euler steps of the rectified-flow ODE and CFG 5,
+# and the 77 zero "T5" tokens the trainer also uses for a T5-less SD3 (the pipeline's own default would be 256).
 DEFAULT_FLOW_NUM_INFERENCE_STEPS = 20
 DEFAULT_FLOW_GUIDANCE_SCALE = 5.0
 FLOW_MAX_SEQUENCE_LENGTH = 77

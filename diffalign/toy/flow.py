@@ -76,8 +76,8 @@ def _clip(hidden: int, layers: int, heads: int, max_length: int):
 
     return CLIPTextModelWithProjection(CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=max_length, projection_dim=hidden,
-        bos_token_id=CLIP_BOS_ID, eos_token_id=CLIP_EOS_ID, pad_token_id=CLIP_EOS_ID,
+        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=max_length,
+        projection_dim=hidden, bos_token_id=CLIP_BOS_ID, eos_token_id=CLIP_EOS_ID, pad_token_id=CLIP_EOS_ID,
     ))
 
 
@@ -123,9 +123,10 @@ def build_flow_components(cfg: ToyFlowConfig | None = None, *, seed: int = 0, va
     te2 = _clip(cfg.text_2_hidden_size, cfg.text_layers, max(1, cfg.text_heads // 2), cfg.max_length)
     transformer = SD3Transformer2DModel(**transformer_kwargs(cfg))
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.num_train_timesteps, shift=cfg.shift)
-    return {"transformer": transformer, "scheduler": scheduler, "vae": vae if vae is not None else load_toy_vae(),
-                "text_encoder": te1, "tokenizer": tokenizer, "text_encoder_2": te2, "tokenizer_2": tokenizer,
-                "text_encoder_3": None, "tokenizer_3": None}
+    return {"transformer": transformer, "scheduler": scheduler,
+            "vae": vae if vae is not None else load_toy_vae(),
+            "text_encoder": te1, "tokenizer": tokenizer, "text_encoder_2": te2, "tokenizer_2": tokenizer,
+            "text_encoder_3": None, "tokenizer_3": None}
 
 
 def build_flow_pipeline(components: dict):
@@ -171,8 +172,8 @@ class _RepeatedLastTokenAttnProcessor:
     The ``T5_TOKENS`` zero rows of a T5-less SD3 prompt enter every block identically, so they stay identical
     and each gets the same attention output; in every query's softmax, ``copies`` equal keys weigh as one key
     with logit ``+ log(copies)``. So the transformer on ``[clip ; 0]`` with this processor gives exactly
-    (up to float rounding) the image and CLIP outputs of the standard processor on ``[clip ; 0 × copies]``, at a
-    third of the pretraining cost (16 + 16 + 1 tokens instead of 16 + 16 + 77).
+    (up to float rounding) the image and CLIP outputs of the standard processor on ``[clip ; 0 × copies]``,
+    at a third of the pretraining cost (16 + 16 + 1 tokens instead of 16 + 16 + 77).
     """
 
     def __init__(self, copies: int):

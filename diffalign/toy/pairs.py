@@ -1,7 +1,8 @@
 """Oracle-labelled preference pairs from the toy pipeline, in the Pick-a-Pic v2 schema.
 
     python -m diffalign.toy make-pairs --model assets/toy-sd --out assets/toy-pairs --n-pairs 780 --seed 0
-    python -m diffalign.toy make-pairs --model assets/toy-flow --out assets/toy-flow-pairs --n-pairs 780 --seed 0
+    python -m diffalign.toy make-pairs --model assets/toy-flow --out assets/toy-flow-pairs --n-pairs 780 \
+        --seed 0
 
 Pair ``k`` uses TRAIN prompt ``k mod 78`` and two seeds, ``seed_0 = 10⁶·seed + 2k`` and ``seed_1 = seed_0 + 1``; the two
 images come from the base pipeline (the U-Net toy-sd or the SD3-style toy-flow) with

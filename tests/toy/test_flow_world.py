@@ -73,7 +73,7 @@ def test_pretraining_features_are_the_trainers(pipe):
     with torch.no_grad():
         ours = flow.encode_token_ids(c.text_encoder, c.text_encoder_2, ids)
         theirs = encode_prompts(c, prompts)
-        pipes = pipe.encode_prompt(prompts, prompts, do_classifier_free_guidance=False,
+        pipes = pipe.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=False,
                                    max_sequence_length=flow.T5_TOKENS)
     torch.testing.assert_close(ours[0], theirs["prompt_embeds"])
     torch.testing.assert_close(ours[1], theirs["pooled_prompt_embeds"])
