@@ -59,7 +59,9 @@ def load_pipeline(model: str, lora: str | None = None, device: str | None = None
     key = "dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype"
     dtype = {key: getattr(torch, dtype) if isinstance(dtype, str) else dtype}
     try:
-        parts = {} if unet is None else {"unet": UNet2DConditionModel.from_pretrained(unet, subfolder="unet", **dtype)}
+        parts = {name: None for name in _absent_components(model)}  # e.g. SD3 without T5
+        if unet is not None:
+            parts["unet"] = UNet2DConditionModel.from_pretrained(unet, subfolder="unet", **dtype)
         pipe = DiffusionPipeline.from_pretrained(model, **dtype, **parts)
     except (OSError, ValueError) as err:
         what = f"pipeline {model!r}" + (f" with U-Net {unet!r}" if unet else "")
@@ -73,6 +75,27 @@ def load_pipeline(model: str, lora: str | None = None, device: str | None = None
     return pipe.to(device)
 
 
+def _flow_family(pipe) -> str | None:
+    """``sd3`` / ``flux`` for a StableDiffusion3*/Flux* pipeline, else None."""
+    name = type(pipe).__name__
+    return "sd3" if name.startswith("StableDiffusion3") else "flux" if name.startswith("Flux") else None
+
+
+def _absent_components(model: str) -> list[str]:
+    """Components a local pipeline folder lists as ``[null, null]`` in ``model_index.json`` (an SD3 model saved
+    without T5: ``text_encoder_3``, ``tokenizer_3``), which ``from_pretrained`` must be told are ``None``; the optional
+    ones diffusers handles itself (safety checker, feature extractor, image encoder) are left out."""
+    import json
+    from pathlib import Path
+
+    index = Path(model) / "model_index.json"
+    if not index.is_file():
+        return []
+    info = json.loads(index.read_text())
+    optional = {"safety_checker", "feature_extractor", "image_encoder"}
+    return [k for k, v in info.items() if isinstance(v, list) and v == [None, None] and k not in optional]
+
+
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], *, batch_size: int = 1, hook=None, **kwargs) -> list:
     """One image per (prompt, seed) (PIL unless ``output_type`` says otherwise), in pipeline calls of ``batch_size``
@@ -80,12 +103,20 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, batch_size: int = 1,
 
     Seed rule: image ``i`` comes from its own ``torch.Generator("cpu").manual_seed(seeds[i])`` (module doc).
     ``kwargs`` go to every pipeline call (``num_inference_steps``, ``guidance_scale``, ``height``, ...).
+    SD3/FLUX pipelines get ``max_sequence_length`` = the trainer's T5 length (:data:`~diffalign.models.loading.
+    T5_MAX_LENGTH`: 77 for SD3, as diffusers' SD3 LoRA script; 512 for FLUX) unless ``kwargs`` set it: the SD3
+    pipeline's own default, 256, conditions on other tokens than the model was aligned with (zeros without T5).
     ``hook(call)``, given the keyword arguments of one call (``prompt``, ``generator``, ``kwargs``), returns a context
     manager entered around that call whose value is a dict of extra keyword arguments for it (e.g. the PPD user
     tokens sized for the batch: :func:`diffalign.personalization.cli.serve_users`).
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts for {len(seeds)} seeds")
+    family = _flow_family(pipe)
+    if family is not None and "max_sequence_length" not in kwargs:
+        from .models.loading import T5_MAX_LENGTH
+
+        kwargs["max_sequence_length"] = T5_MAX_LENGTH[family]  # the T5 length the trainer encodes with
     images = []
     for i in range(0, len(prompts), batch_size):
         call = {"prompt": list(prompts[i:i + batch_size]),

@@ -110,7 +110,7 @@ def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, quiet: bool = Fal
     from ..training.config import parse_config
     from ..training.trainer import trainer_class
     from . import heldout_prompts
-    from .flow import load_world_pipeline
+    from ..inference import load_pipeline
 
     out_dir = Path(out_dir)
     start = time.time()
@@ -124,8 +124,9 @@ def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, quiet: bool = Fal
     prompts = [p for p in heldout_prompts() for _ in range(k)]
     seeds = [10_000 * seed + i for i in range(len(prompts))]
     model = str(world_paths(world)[0])
-    base, base_images = evaluate(load_world_pipeline(model), prompts, seeds)
-    aligned, aligned_images = evaluate(load_world_pipeline(model, out_dir), prompts, seeds)
+    base, base_images = evaluate(load_pipeline(str(model), device="cpu"), prompts, seeds)
+    aligned, aligned_images = evaluate(load_pipeline(str(model), str(out_dir), device="cpu"),
+                                        prompts, seeds)
 
     report = {
         "world": world,

@@ -219,27 +219,3 @@ def set_repeated_zero_tokens(transformer, copies: int | None) -> None:
 
     transformer.set_attn_processor(JointAttnProcessor2_0() if copies is None
                                    else _RepeatedLastTokenAttnProcessor(copies))
-
-
-def load_world_pipeline(model: str | os.PathLike, lora: str | os.PathLike | None = None):
-    """A toy pipeline folder (U-Net or flow) with an optional diffalign LoRA folder, on the CPU, no progress
-    bar.
-
-    A T5-less ``StableDiffusion3Pipeline`` folder (``text_encoder_3: [null, null]``, as toy-flow) needs
-    ``text_encoder_3=None, tokenizer_3=None`` passed to ``from_pretrained`` (diffusers does not treat them as
-    optional), which :func:`diffalign.inference.load_pipeline` does not do; anything else goes through it."""
-    from .. import inference
-
-    index = Path(model) / "model_index.json"
-    info = json.loads(index.read_text()) if index.is_file() else {}
-    if info.get("_class_name") != PIPELINE_CLASS or (info.get("text_encoder_3") or [None])[0] is not None:
-        return inference.load_pipeline(str(model), None if lora is None else str(lora), device="cpu")
-    from diffusers import StableDiffusion3Pipeline
-
-    from ..models.lora import load_lora_into_pipeline
-
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(model), text_encoder_3=None, tokenizer_3=None)
-    if lora is not None:
-        load_lora_into_pipeline(pipe, str(lora))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to("cpu")

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         DEFAULT_NUM_INFERENCE_STEPS,
         is_flow_pipeline,
     )
-    from .flow import load_world_pipeline
+    from ..inference import load_pipeline
 
     p = argparse.ArgumentParser(prog="python -m diffalign.toy make-pairs", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="toy pipeline folder (assets/toy-sd or assets/toy-flow)")
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
-    pipe = load_world_pipeline(args.model)
+    pipe = load_pipeline(str(args.model), device="cpu")
     flow = is_flow_pipeline(pipe)
     steps = args.steps or (DEFAULT_FLOW_NUM_INFERENCE_STEPS if flow else DEFAULT_NUM_INFERENCE_STEPS)
     guidance = args.guidance_scale if args.guidance_scale is not None else (

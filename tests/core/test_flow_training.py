@@ -235,3 +235,20 @@ def test_bf16_trains_from_ln2(family, flow_dirs, pickapic_dir, tmp_path):
     assert frozen == {torch.bfloat16} and trained == {torch.float32}
     assert tr.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert all(math.isfinite(r["loss"]) for r in tr.history)
+
+
+def test_generate_uses_the_trainers_t5_length_on_a_model_without_t5(tmp_path):
+    """An SD3 folder saved without T5 (text_encoder_3: [null, null]) loads through diffalign.inference, and images are
+    conditioned on the trainer's 77 T5 tokens (zeros), not the pipeline's default 256."""
+    from diffalign.inference import generate, load_pipeline
+
+    folder = save_tiny_flow_pipeline(tmp_path / "no-t5", "sd3", t5=False)
+    pipe = load_pipeline(folder, device="cpu")
+    assert pipe.text_encoder_3 is None
+    seen = []
+    original = pipe.encode_prompt
+    pipe.encode_prompt = lambda *a, **k: (seen.append(k.get("max_sequence_length")), original(*a, **k))[1]
+    generate(pipe, ["a red circle"], [0], num_inference_steps=1, height=32, width=32, output_type="latent")
+    generate(pipe, ["a red circle"], [0], num_inference_steps=1, height=32, width=32, output_type="latent",
+             max_sequence_length=256)
+    assert seen == [77, 256]

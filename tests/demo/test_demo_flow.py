@@ -16,8 +16,8 @@ pytestmark = pytest.mark.skipif(not (toy.toy_flow_pairs_path() / "pairs_report.j
 
 
 def test_flow_demo_config_trains_flow_dpo_on_toy_flow(tmp_path):
+    from diffalign.inference import load_pipeline
     from diffalign.toy.demo import FLOW_DEMO_DEFAULTS, demo_config
-    from diffalign.toy.flow import load_world_pipeline
     from diffalign.training.config import parse_config
     from diffalign.training.trainer import PreferenceTrainer
 
@@ -32,9 +32,9 @@ def test_flow_demo_config_trains_flow_dpo_on_toy_flow(tmp_path):
     tr.cleanup()
 
     prompts, seeds = toy.heldout_prompts()[:2], [1, 2]
-    own = load_world_pipeline(MODEL)
+    own = load_pipeline(str(MODEL), device="cpu")
     own.transformer = policy  # the trained policy itself
-    pipe = load_world_pipeline(MODEL, tmp_path / "run")
+    pipe = load_pipeline(str(MODEL), str(tmp_path / "run"), device="cpu")
     ours, theirs = toy.generate(own, prompts, seeds, num_inference_steps=4), toy.generate(
         pipe, prompts, seeds, num_inference_steps=4)
     for a, b in zip(ours, theirs, strict=True):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from diffalign import toy
+from diffalign.inference import load_pipeline
 from diffalign.toy import flow, flow_pretrain
 
 MODEL = toy.toy_flow_path()
@@ -17,7 +18,7 @@ shipped = pytest.mark.skipif(not (MODEL / "model_index.json").exists(), reason=f
 
 @pytest.fixture(scope="module")
 def pipe():
-    return flow.load_world_pipeline(MODEL)
+    return load_pipeline(str(MODEL), device="cpu")
 
 
 @shipped
