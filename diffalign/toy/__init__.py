@@ -80,12 +80,11 @@ def toy_flow_pairs_path() -> Path:
 
 
 def load_toy_pipeline(path: str | os.PathLike | None = None):
-    """``StableDiffusionPipeline.from_pretrained(path or toy_model_path())`` with the progress bar off."""
-    from diffusers import StableDiffusionPipeline
+    """The toy pipeline at ``path`` (default :func:`toy_model_path`) on the CPU, progress bar off
+    (:func:`diffalign.inference.load_pipeline`)."""
+    from ..inference import load_pipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(path or toy_model_path()))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_pipeline(str(path or toy_model_path()), device="cpu")
 
 
 __all__ = [
