@@ -5,6 +5,10 @@ clipped-ratio loss with Flow-GRPO's KL, and DiffusionNFT's likelihood-free loss.
 Like :mod:`diffalign.objectives`, the steps and losses are functions of tensors and model outputs; the rollout
 (:mod:`~diffalign.online.rollout`) runs a denoiser through them and records the trajectory. The trainer lives above
 (training layer).
+
+Rewards in process (:mod:`~diffalign.online.rewards`): weighted sums of :mod:`diffalign.evaluators`
+scorers (imported when a :class:`Rewards` is built). The reward-hacking monitor
+(:mod:`~diffalign.online.monitor`): image artefact statistics and :class:`HackingMonitor`.
 """
 
 from .grpo import (
@@ -26,25 +30,50 @@ from .logprob import (
     flow_sde_step,
     gaussian_log_prob,
 )
+from .monitor import (
+    ARTEFACT_STATS,
+    HackingMonitor,
+    MonitorVerdict,
+    artefact_record,
+    artefact_stats,
+    background_emptiness,
+    grid_energy,
+    high_frequency_energy,
+    saturation,
+)
+from .rewards import Rewards, RewardSpec, RewardTerm, to_pil_images
 from .rollout import Trajectory, rescore, rollout
 
 __all__ = [
+    "ARTEFACT_STATS",
     "SDE_TYPES",
+    "HackingMonitor",
+    "MonitorVerdict",
     "OnlineLossOutput",
+    "RewardSpec",
+    "RewardTerm",
+    "Rewards",
     "StepOutput",
     "Trajectory",
+    "artefact_record",
+    "artefact_stats",
+    "background_emptiness",
     "ddim_step_with_logprob",
     "draw_noise",
     "flow_cps_step",
     "flow_grpo_kl",
     "flow_sde_step",
     "gaussian_log_prob",
+    "grid_energy",
     "group_advantages",
     "grpo_loss",
+    "high_frequency_energy",
     "nft_loss",
     "nft_optimality",
     "rescore",
     "rollout",
+    "saturation",
     "sde_window",
+    "to_pil_images",
     "train_step_indices",
 ]
