@@ -1,32 +1,30 @@
 """One optimizer step of each flow-transformer (SD3/SD3.5) preference strategy the bench compares (issue 20).
 
-================  ==========================================================================================
-strategy          what one step does
-================  ==========================================================================================
-``flow_grpo``     yifan123/flow_grpo ``scripts/train_sd3_dpo.py`` @ ac4c86e (Flow-DPO), its training loop body
-                  (L880-974) fed from an offline preference pair: VAE encode of winner and loser and the three
-                  text encoders (``compute_text_embeddings``, L124-131, max_sequence_length=128) every step;
-                  two LoRA adapters on one transformer, ``learner`` (trained) and ``ref`` (frozen), r=32, α=64 on
-                  ``attn.to_q/k/v/out.0, attn.add_q/k/v_proj, attn.to_add_out`` (L387-411); the policy pass with
-                  ``set_adapter("learner")``, the reference pass with ``set_adapter("ref")`` under no_grad
-                  (L904-923); shared ε and logit-normal σ per pair (L884-903); ``-logsigmoid(-0.5 β Δ)``, β=100
-                  (L924-939); ten logged means per step (L940-950, ``wandb.log`` at L966-970); clip, AdamW,
-                  EMA of the learner every 8 steps (L952-974).
-``flow_grpo_body``  the same loop body on latents and text embeddings computed once per batch: what the
-                  online script trains on (its sampler hands it latents and embeddings, L598-655), and the
-                  analogue of our cached step. Interleaved timing only (its memory is ``flow_grpo``'s).
-``ours``          ``diffalign.training.PreferenceTrainer.training_step`` on the same components: LoRA r=32,
-                  α=64 on the same targets (diffalign's sd3 default), reference = adapters disabled, winner+
-                  loser in one 2B call, same β, logit-normal σ, shared ε. ``ours_first_epoch``: a batch never
-                  seen (cache miss: VAE + text encoders run, the latent/text cache fills); ``ours_cached``: a
-                  batch seen before (cache hit, the steady state from epoch 2).
-================  ==========================================================================================
+``flow_grpo``
+    yifan123/flow_grpo ``scripts/train_sd3_dpo.py`` @ ac4c86e (Flow-DPO), its training loop body (L880-974)
+    fed from an offline preference pair: VAE encode of winner and loser and the three text encoders
+    (``compute_text_embeddings``, L124-131, max_sequence_length=128) every step; two LoRA adapters on one
+    transformer, ``learner`` (trained) and ``ref`` (frozen), r=32, α=64 on ``attn.to_q/k/v/out.0,
+    attn.add_q/k/v_proj, attn.to_add_out`` (L387-411); the policy pass after ``set_adapter("learner")``, the
+    reference pass after ``set_adapter("ref")`` under no_grad (L904-923); shared ε and logit-normal σ per pair
+    (L884-903); ``-logsigmoid(-0.5 β Δ)``, β=100 (L924-939); ten logged means per step (L940-950,
+    ``wandb.log`` at L966-970); clip, AdamW, EMA of the learner every 8 steps (L952-974).
+``flow_grpo_body``
+    the same loop body on latents and text embeddings computed once per batch: what the online script trains
+    on (its sampler hands it latents and embeddings, L598-655), and the analogue of our cached step.
+    Interleaved timing only (its memory is ``flow_grpo``'s).
+``ours``
+    ``diffalign.training.PreferenceTrainer.training_step`` on the same components: LoRA r=32, α=64 on the same
+    targets (diffalign's sd3 default), reference = adapters disabled, winner + loser in one 2B call, same β,
+    logit-normal σ, shared ε. ``ours_first_epoch``: a batch never seen (cache miss: VAE + text encoders run,
+    the latent/text cache fills); ``ours_cached``: a batch seen before (cache hit, the steady state from
+    epoch 2).
 
 The online script's latents come from its own sampler and its embeddings from the sampling phase; a preference
-dataset of image pairs (what diffalign trains on, and what the issue asks to compare on) needs the VAE encode and
-the text encoders inside the step: the re-implementation does them there, with the script's own calls (the SD3
-DreamBooth-LoRA latents ``(z - shift) · scale``, flow_grpo's ``encode_prompt``). All strategies read pixels
-through ``diffalign.data.PreferencePairs`` (same decode and crop), in fp32.
+dataset of image pairs (what diffalign trains on, and what the issue asks to compare on) needs the VAE encode
+and the text encoders inside the step: the re-implementation does them there, with the script's own calls (the
+SD3 DreamBooth-LoRA latents ``(z - shift) · scale``, flow_grpo's ``encode_prompt``). All strategies read
+pixels through ``diffalign.data.PreferencePairs`` (same decode and crop), in fp32.
 """
 
 from __future__ import annotations
@@ -41,8 +39,16 @@ from diffalign.data import collate_pairs
 
 BETA = 100.0  # config/dpo.py: config.train.beta = 100
 LORA_RANK, LORA_ALPHA = 32, 64  # train_sd3_dpo.py L399-404
-LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
-                "attn.to_out.0", "attn.to_q", "attn.to_v"]  # L389-398
+LORA_TARGETS = [
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "attn.to_k",
+    "attn.to_out.0",
+    "attn.to_q",
+    "attn.to_v",
+]  # L389-398
 T5_MAX_LENGTH = 128  # compute_text_embeddings(..., max_sequence_length=128), L598-604
 FLOW_STRATEGIES = ("flow_grpo", "flow_grpo_body", "ours_first_epoch", "ours_cached")
 
@@ -51,7 +57,13 @@ FLOW_STRATEGIES = ("flow_grpo", "flow_grpo_body", "ours_first_epoch", "ours_cach
 def _encode_prompt_with_clip(text_encoder, tokenizer, prompt, device):
     """flow_grpo/diffusers_patch/train_dreambooth_lora_sd3.py L59-95 (num_images_per_prompt=1). The script's
     ``max_length=77``, capped at the tokenizer's length for the tiny test world (16 positions)."""
-    ids = tokenizer(prompt, padding="max_length", max_length=min(77, tokenizer.model_max_length), truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        prompt,
+        padding="max_length",
+        max_length=min(77, tokenizer.model_max_length),
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     out = text_encoder(ids.to(device), output_hidden_states=True)
     pooled = out[0]
     embeds = out.hidden_states[-2].to(dtype=text_encoder.dtype, device=device)
@@ -60,13 +72,20 @@ def _encode_prompt_with_clip(text_encoder, tokenizer, prompt, device):
 
 def _encode_prompt_with_t5(text_encoder, tokenizer, max_sequence_length, prompt, device):
     """Same file, L19-56."""
-    ids = tokenizer(prompt, padding="max_length", max_length=max_sequence_length, truncation=True,
-                    add_special_tokens=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        prompt,
+        padding="max_length",
+        max_length=max_sequence_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
+    ).input_ids
     return text_encoder(ids.to(device))[0].to(dtype=text_encoder.dtype, device=device)
 
 
 def encode_prompt(text_encoders, tokenizers, prompt, max_sequence_length, device):
-    """Same file, L98-144: CLIP-L ‖ CLIP-G penultimate states padded to the T5 width, then T5; pooled CLIP-L ‖ G."""
+    """Same file, L98-144: CLIP-L ‖ CLIP-G penultimate states padded to the T5 width, then T5; pooled
+    CLIP-L ‖ G."""
     clip, pooled = [], []
     for tokenizer, text_encoder in zip(tokenizers[:2], text_encoders[:2]):
         e, p = _encode_prompt_with_clip(text_encoder, tokenizer, prompt, device)
@@ -81,8 +100,9 @@ def encode_prompt(text_encoders, tokenizers, prompt, max_sequence_length, device
 def compute_text_embeddings(prompt, text_encoders, tokenizers, max_sequence_length, device):
     """train_sd3_dpo.py L124-131."""
     with torch.no_grad():
-        prompt_embeds, pooled_prompt_embeds = encode_prompt(text_encoders, tokenizers, prompt, max_sequence_length,
-                                                            device)
+        prompt_embeds, pooled_prompt_embeds = encode_prompt(
+            text_encoders, tokenizers, prompt, max_sequence_length, device
+        )
     return prompt_embeds.to(device), pooled_prompt_embeds.to(device)
 
 
@@ -123,8 +143,8 @@ def _pairs(world):
 
 
 class FlowGrpoStep:
-    """flow_grpo's Flow-DPO step. ``transformer``: the (LoRA-free) transformer to put the two adapters on (default:
-    the components'); the VAE and text encoders are the components', frozen."""
+    """flow_grpo's Flow-DPO step. ``transformer``: the (LoRA-free) transformer to put the two adapters on
+    (default: the components'); the VAE and text encoders are the components', frozen."""
 
     name = "flow_grpo"
 
@@ -143,18 +163,21 @@ class FlowGrpoStep:
             m.requires_grad_(False).to(self.device)
         transformer = (transformer if transformer is not None else c.transformer).to(self.device)
         transformer.requires_grad_(False)  # L355: requires_grad_(not use_lora)
-        lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, init_lora_weights="gaussian",
-                          target_modules=LORA_TARGETS)  # L399-404
+        lora = LoraConfig(
+            r=LORA_RANK, lora_alpha=LORA_ALPHA, init_lora_weights="gaussian", target_modules=LORA_TARGETS
+        )  # L399-404
         transformer = get_peft_model(transformer, lora, adapter_name="learner")  # L410
         transformer = get_peft_model(transformer, lora, adapter_name="ref")  # L411
         self.peft_transformer = transformer  # ``pipeline.transformer``
         self.params = [p for n, p in transformer.named_parameters() if "learner" in n]  # L415-419
         assert all(p.requires_grad for p in self.params)
         self.ema = _EMA(self.params, decay=0.9, update_step_interval=8, device=self.device)  # L422
-        optimizer = torch.optim.AdamW(self.params, lr=3e-4, betas=(0.9, 0.999), weight_decay=1e-4,
-                                      eps=1e-8)  # L442-448 with config/base.py's values
+        optimizer = torch.optim.AdamW(
+            self.params, lr=3e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8
+        )  # L442-448 with config/base.py's values
         self.transformer, self.optimizer = self.acc.prepare(transformer, optimizer)  # L534
-        self.noise_scheduler = copy.deepcopy(c.noise_scheduler)  # L535: from_pretrained(subfolder="scheduler")
+        # L535: FlowMatchEulerDiscreteScheduler.from_pretrained(subfolder="scheduler")
+        self.noise_scheduler = copy.deepcopy(c.noise_scheduler)
         self.peft_transformer.set_adapter("learner")  # L846
         self.transformer.train()  # L860
         self.global_step = 0
@@ -168,14 +191,20 @@ class FlowGrpoStep:
         ``samples`` hold them: one embedding per image, winner and loser sharing their prompt."""
         c = self.c
         items = [self.pairs[i] for i in indices]
-        pixels = torch.cat([torch.stack([x["pixels_w"] for x in items]),
-                            torch.stack([x["pixels_l"] for x in items])]).to(self.device)
+        pixels = torch.cat(
+            [torch.stack([x["pixels_w"] for x in items]), torch.stack([x["pixels_l"] for x in items])]
+        ).to(self.device)
         prompts = [x["caption"] for x in items]
         with torch.no_grad():  # the SD3 LoRA scripts' latents: (z - shift_factor) * scaling_factor
             latents = c.vae.encode(pixels).latent_dist.sample()
             latents = (latents - c.vae.config.shift_factor) * c.vae.config.scaling_factor
         prompt_embeds, pooled_prompt_embeds = compute_text_embeddings(
-            prompts, self.text_encoders, self.tokenizers, max_sequence_length=self.t5_length, device=self.device)
+            prompts,
+            self.text_encoders,
+            self.tokenizers,
+            max_sequence_length=self.t5_length,
+            device=self.device,
+        )
         return latents, prompt_embeds.repeat(2, 1, 1), pooled_prompt_embeds.repeat(2, 1)
 
     def step(self, indices, precomputed: bool = False) -> float:
@@ -196,28 +225,40 @@ class FlowGrpoStep:
             noise = torch.cat([noise[:bsz], noise[:bsz]], dim=0)  # chosen and rejected share the noise
             from diffusers.training_utils import compute_density_for_timestep_sampling
 
-            u = compute_density_for_timestep_sampling(weighting_scheme="logit_normal", batch_size=bsz, logit_mean=0,
-                                                      logit_std=1, mode_scale=1.29)
+            u = compute_density_for_timestep_sampling(
+                weighting_scheme="logit_normal", batch_size=bsz, logit_mean=0, logit_std=1, mode_scale=1.29
+            )
             indices_t = (u * noise_scheduler.config.num_train_timesteps).long()
             timesteps = noise_scheduler.timesteps[indices_t].to(device=model_input.device)
             timesteps = torch.cat([timesteps, timesteps], dim=0)
-            sigmas = get_sigmas(noise_scheduler, timesteps, self.device, n_dim=model_input.ndim,
-                                dtype=model_input.dtype)
+            sigmas = get_sigmas(
+                noise_scheduler, timesteps, self.device, n_dim=model_input.ndim, dtype=model_input.dtype
+            )
             noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
             self.peft_transformer.set_adapter("learner")
-            model_pred = transformer(hidden_states=noisy_model_input, timestep=timesteps,
-                                     encoder_hidden_states=embeds, pooled_projections=pooled_embeds,
-                                     return_dict=False)[0]
+            model_pred = transformer(
+                hidden_states=noisy_model_input,
+                timestep=timesteps,
+                encoder_hidden_states=embeds,
+                pooled_projections=pooled_embeds,
+                return_dict=False,
+            )[0]
             with torch.no_grad():
                 self.peft_transformer.set_adapter("ref")
-                model_pred_ref = transformer(hidden_states=noisy_model_input, timestep=timesteps,
-                                             encoder_hidden_states=embeds, pooled_projections=pooled_embeds,
-                                             return_dict=False)[0]
+                model_pred_ref = transformer(
+                    hidden_states=noisy_model_input,
+                    timestep=timesteps,
+                    encoder_hidden_states=embeds,
+                    pooled_projections=pooled_embeds,
+                    return_dict=False,
+                )[0]
                 model_pred_ref = model_pred_ref.detach()
                 self.peft_transformer.set_adapter("learner")
             target = noise - model_input
             theta_mse = ((model_pred.float() - target.float()) ** 2).reshape(target.shape[0], -1).mean(dim=1)
-            ref_mse = ((model_pred_ref.float() - target.float()) ** 2).reshape(target.shape[0], -1).mean(dim=1)
+            ref_mse = (
+                ((model_pred_ref.float() - target.float()) ** 2).reshape(target.shape[0], -1).mean(dim=1)
+            )
             model_w_err, model_l_err = theta_mse[:bsz], theta_mse[bsz:]
             ref_w_err, ref_l_err = ref_mse[:bsz], ref_mse[bsz:]
             w_diff = model_w_err - ref_w_err
@@ -225,9 +266,17 @@ class FlowGrpoStep:
             w_l_diff = w_diff - l_diff
             inside_term = -0.5 * BETA * w_l_diff
             loss = torch.mean(-F.logsigmoid(inside_term))
-            for k, v in (("loss", loss), ("model_w_err", model_w_err), ("model_l_err", model_l_err),
-                         ("ref_w_err", ref_w_err), ("ref_l_err", ref_l_err), ("w_diff", w_diff),
-                         ("l_diff", l_diff), ("w_l_diff", w_l_diff), ("inside_term", inside_term)):
+            for k, v in (
+                ("loss", loss),
+                ("model_w_err", model_w_err),
+                ("model_l_err", model_l_err),
+                ("ref_w_err", ref_w_err),
+                ("ref_l_err", ref_l_err),
+                ("w_diff", w_diff),
+                ("l_diff", l_diff),
+                ("w_l_diff", w_l_diff),
+                ("inside_term", inside_term),
+            ):
                 info[k] = [torch.mean(v)]
             implicit_acc = (inside_term > 0).sum().float() / inside_term.size(0)
             info["implicit_acc"] = [torch.mean(implicit_acc)]
@@ -249,12 +298,17 @@ class FlowGrpoStep:
 
 
 def ours_flow_config(world, output_dir: Path, cache_dir: Path | None) -> dict:
-    """The ``diffalign train`` config of the ours strategy on the flow world (what a user's YAML would hold)."""
+    """The ``diffalign train`` config of the ours strategy on the flow world (a user's YAML)."""
     return {
         "model": {"family": "sd3", "lora": {"rank": LORA_RANK, "alpha": LORA_ALPHA}},
-        "dataset": {"source": str(world.data_dir), "resolution": world.resolution, "center_crop": True,
-                    "random_flip": False, "max_samples": world.num_pairs,
-                    "cache_dir": None if cache_dir is None else str(cache_dir)},
+        "dataset": {
+            "source": str(world.data_dir),
+            "resolution": world.resolution,
+            "center_crop": True,
+            "random_flip": False,
+            "max_samples": world.num_pairs,
+            "cache_dir": None if cache_dir is None else str(cache_dir),
+        },
         "objective": {"name": "dpo", "beta": BETA},
         "flow": {"timestep_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0},
         "output_dir": str(output_dir),
@@ -268,8 +322,8 @@ def ours_flow_config(world, output_dir: Path, cache_dir: Path | None) -> dict:
 
 
 class OursFlowStep:
-    """diffalign's step on the flow world: :class:`~diffalign.training.PreferenceTrainer` on the components (the
-    same as ``bench.strategies.OursStep``, with the sd3 config)."""
+    """diffalign's step on the flow world: :class:`~diffalign.training.PreferenceTrainer` on the components
+    (as ``bench.strategies.OursStep``, with the sd3 config)."""
 
     name = "ours"
 
@@ -288,7 +342,7 @@ class OursFlowStep:
         return self.trainer.unet
 
     def step(self, indices) -> float:
-        """:meth:`PreferenceTrainer.training_step` on one batch, then the learning-rate step ``train()`` takes."""
+        """:meth:`PreferenceTrainer.training_step` on one batch, then the learning-rate step."""
         tr = self.trainer
         batch = collate_pairs([tr.dataset[i] for i in indices])
         out = tr.training_step(batch)
@@ -302,7 +356,7 @@ class OursFlowStep:
 
 
 def copy_transformer(transformer):
-    """A deep copy of a (LoRA-free) SD3 transformer that shares the frozen positional-embedding buffer (0.9 GiB at
-    SD3.5-M's pos_embed_max_size 384, never written): the interleaved job holds two transformers."""
+    """A deep copy of a (LoRA-free) SD3 transformer sharing the frozen positional-embedding buffer (0.9 GiB
+    at SD3.5-M's pos_embed_max_size 384, never written): the interleaved job holds two transformers."""
     pos = getattr(getattr(transformer, "pos_embed", None), "pos_embed", None)
     return copy.deepcopy(transformer, memo={} if pos is None else {id(pos): pos})

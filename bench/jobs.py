@@ -576,7 +576,7 @@ def job_evaluators(workdir: str, names: list[str], batch_sizes: list[int], num_i
     return {"evaluators": rows, "loadavg": loadavg()}
 
 
-# ------------------------------------------------------------------ flow transformers (issue 20): flow_grpo vs ours
+# ------------------------------------------------------------------ flow transformers: flow_grpo vs ours
 def _make_flow(world, workdir: Path, name: str, device, cache_dir: Path | None, fresh_cache: bool = True):
     """A ``step(indices)`` callable of flow strategy ``name`` on ``world`` (its own components)."""
     from .flow_strategies import FlowGrpoStep, OursFlowStep
@@ -588,16 +588,17 @@ def _make_flow(world, workdir: Path, name: str, device, cache_dir: Path | None, 
         return s, s.step
     if cache_dir is not None and fresh_cache:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    s = OursFlowStep(world, world.components, workdir / f"out-{world.name}-{name}-{os.getpid()}", cache_dir, device)
+    out = workdir / f"out-{world.name}-{name}-{os.getpid()}"
+    s = OursFlowStep(world, world.components, out, cache_dir, device)
     return s, s.step
 
 
 def job_flow_strategy(world: str, workdir: str, num_pairs: int, strategy: str, warmup: int, steps: int,
                       cache_dir: str | None = None, device: str = "cpu", flops: bool = True,
                       partial_path: str | None = None) -> dict:
-    """One flow strategy alone in this process: warm-up + ``steps`` timed steps; the process's peak RSS is this
-    configuration's. ``ours_cached`` steps over the batches an ``ours_first_epoch`` job filled ``cache_dir``
-    with; ``flow_grpo_body`` over batch 0 (its inputs computed before the first step)."""
+    """One flow strategy alone in this process: warm-up + ``steps`` timed steps; the process's peak RSS is
+    this configuration's. ``ours_cached`` steps over the batches an ``ours_first_epoch`` job filled
+    ``cache_dir`` with; ``flow_grpo_body`` over batch 0 (its inputs computed before the first step)."""
     workdir = Path(workdir)
     with memory_guard():
         t0 = time.perf_counter()
@@ -646,15 +647,20 @@ def job_flow_strategy(world: str, workdir: str, num_pairs: int, strategy: str, w
 
 
 def job_flow_interleaved(world: str, workdir: str, num_pairs: int, strategies: list[str], reps: int,
-                         warmup: int = 1, device: str = "cpu", count: bool = True) -> dict:
+                         warmup: int = 1, device: str = "cpu", count: bool = True,
+                         clocks: str = "wall+cpu") -> dict:
     """The flow strategies in one process, one step of each per repetition, order rotated every repetition.
 
     One set of VAE and text encoders; two transformers: ours (adapter ``default``) and flow_grpo's (adapters
     ``learner`` + ``ref``), the second a copy of the first taken before any adapter (sharing the frozen
     positional-embedding buffer). ``flow_grpo`` and ``flow_grpo_body`` step the same flow_grpo model;
-    ``ours_first_epoch`` and ``ours_cached`` the same trainer. Repetition r: ``flow_grpo`` and ``ours_first_epoch``
-    step on batch ``warmup + r`` (never seen: for ours a cache miss), ``flow_grpo_body`` and ``ours_cached`` on
-    batch 0 (inputs precomputed / cache hit). Also records every loss, and how far each trained LoRA moved.
+    ``ours_first_epoch`` and ``ours_cached`` the same trainer. Repetition r: ``flow_grpo`` and
+    ``ours_first_epoch`` step on batch ``warmup + r`` (never seen: for ours a cache miss), ``flow_grpo_body``
+    and ``ours_cached`` on batch 0 (inputs precomputed / cache hit). Also records every loss, and how far each
+    trained LoRA moved.
+
+    ``clocks``: each step's wall time (``perf_counter``) and CPU time of this process (``process_time``: with
+    one torch thread, the work done, whatever share of the cores other workers leave it; CPU only).
     """
     from .flow_strategies import FlowGrpoStep, OursFlowStep, copy_transformer
 
@@ -672,8 +678,8 @@ def job_flow_interleaved(world: str, workdir: str, num_pairs: int, strategies: l
         if any(s.startswith("ours") for s in strategies):
             cache = workdir / f"cache-{world}-flow-interleaved-{os.getpid()}"
             shutil.rmtree(cache, ignore_errors=True)
-            ours = OursFlowStep(w, w.components, workdir / f"out-{world}-flow-interleaved-{os.getpid()}", cache,
-                                device)
+            out_dir = workdir / f"out-{world}-flow-interleaved-{os.getpid()}"
+            ours = OursFlowStep(w, w.components, out_dir, cache, device)
             ours_before = ours.lora_state()
             steps.update(ours_first_epoch=ours.step, ours_cached=ours.step)
         if any(s.startswith("flow_grpo") for s in strategies):
@@ -694,6 +700,7 @@ def job_flow_interleaved(world: str, workdir: str, num_pairs: int, strategies: l
                     loss = steps[name](idx)
                 losses[name].append(loss)
         times = {name: [] for name in strategies}
+        cpu = {name: [] for name in strategies}
         peaks = {name: [] for name in strategies}
         load = [loadavg()]
         for r in range(reps):
@@ -703,7 +710,9 @@ def job_flow_interleaved(world: str, workdir: str, num_pairs: int, strategies: l
                 if name == "ours_first_epoch" and set(idx) & ours.seen:
                     raise RuntimeError(f"batch {idx} is already cached; the index plan is broken")
                 with PhasePeak(device) as peak:
+                    c0 = time.process_time()
                     dt, loss = timed(steps[name], idx, device=device)
+                    cpu[name].append(time.process_time() - c0)
                 times[name].append(dt)
                 peaks[name].append(peak.value_gib)
                 losses[name].append(loss)
@@ -712,6 +721,7 @@ def job_flow_interleaved(world: str, workdir: str, num_pairs: int, strategies: l
         out = {"world": world, "world_description": desc, "reps": reps, "warmup": warmup,
                "timing": "interleaved in one process, order rotated per repetition", "loadavg": load,
                "strategies": {n: {"step_times_s": t, "median_step_s": median(t), "flops_per_step": flops.get(n),
+                                  "step_cpu_s": cpu[n], "median_step_cpu_s": median(cpu[n]),
                                   "losses": losses[n], "step_peak_rss_gib": max((p for p in peaks[n] if p),
                                                                                 default=None)}
                               for n, t in times.items()}}

@@ -5,7 +5,7 @@
     python bench/run.py --configs sd15 --sections strategies --out bench/results/sd15.json
     python bench/run.py --device cuda           # GPU: pairs/s, torch.cuda.max_memory_allocated, MFU
     python bench/run.py --report bench/results/full.json   # print the markdown tables of a results file
-    python bench/run.py --configs sd35m --sections flow --out bench/results/sd35m-flow.json   # flow_grpo vs ours
+    python bench/run.py --configs sd35m --sections flow --out bench/results/sd35m-flow.json  # flow_grpo/ours
 
 Sections (``--sections``, default all):
 
@@ -19,11 +19,11 @@ Sections (``--sections``, default all):
 * ``epochs``: the real ``PreferenceTrainer.train()`` loop on the toy world, epoch 1 (cache fills) vs epoch 2+.
 * ``evaluators``: images/s of each scorer per batch size, on the tiny scorer configs.
 * ``profile``: ``torch.profiler`` top ops of the ours step (cached and first epoch); runs inside ``ablations``.
-* ``flow``: on the flow worlds (``sd35m``, ``sd3_tiny``): flow_grpo's Flow-DPO step (``flow_grpo``: VAE + three
-  text encoders every step, two LoRA adapters learner/ref; ``flow_grpo_body``: the same on precomputed inputs)
-  against ours (first epoch / cached), same components, β, seed, batch, fp32. Time interleaved in one process,
-  peak RSS from one fresh process per strategy (``bench/flow_strategies.py``). ``strategies`` on a flow world
-  runs this section; the U-Net sections do not apply to flow worlds.
+* ``flow``: on the flow worlds (``sd35m``, ``sd3_tiny``): flow_grpo's Flow-DPO step (``flow_grpo``: VAE +
+  three text encoders every step, two LoRA adapters learner/ref; ``flow_grpo_body``: the same on precomputed
+  inputs) against ours (first epoch / cached), same components, β, seed, batch, fp32. Time interleaved in
+  one process, peak RSS from one fresh process per strategy (``bench/flow_strategies.py``). ``strategies`` on
+  a flow world runs this section; the U-Net sections do not apply to flow worlds.
 
 Threads: ``--threads`` (default 1) sets ``torch.set_num_threads`` in every job. On a machine shared with other
 workers, two OpenMP threads on two busy cores spin-wait on each other (toy steps went from 0.4 s to 2-20 s), so
@@ -67,15 +67,16 @@ DEFINITIONS = {
     "ours_vs_<baseline>_time_ratio": "median step time of ours_cached / that of the baseline (< 1: ours faster)",
     "ours_first_epoch_vs_<baseline>_time_ratio": "the same for the first-epoch (cache miss) step",
     "ours_vs_<baseline>_peak_rss_ratio": "peak RSS of the ours_cached process / the baseline's process (CPU)",
-    "flow_grpo": "yifan123/flow_grpo scripts/train_sd3_dpo.py @ ac4c86e Flow-DPO loop body on offline pairs: VAE "
-                 "encode + CLIP-L/CLIP-G/T5 every step, LoRA r=32 a=64 adapters learner (trained) + ref (frozen, "
-                 "set_adapter), winner+loser batched, beta=100, EMA every 8 steps",
-    "flow_grpo_body": "the same loop body on latents/embeddings computed once per batch (what the online script "
-                      "trains on: its sampler supplies them); interleaved timing only",
-    "ours_vs_flow_grpo_time_ratio": "median step of ours_cached / median step of flow_grpo, interleaved (< 1: ours "
-                                    "faster)",
-    "ours_vs_flow_grpo_peak_rss_ratio": "peak RSS of the ours_cached process / the flow_grpo process (CPU; GPU: "
-                                        "torch.cuda.max_memory_allocated)",
+    "flow_grpo": "yifan123/flow_grpo scripts/train_sd3_dpo.py @ ac4c86e Flow-DPO loop body on offline pairs: "
+                 "VAE encode + CLIP-L/CLIP-G/T5 every step, LoRA r=32 a=64 adapters learner (trained) + ref "
+                 "(frozen, set_adapter), winner+loser batched, beta=100, EMA every 8 steps",
+    "flow_grpo_body": "the same loop body on latents/embeddings computed once per batch (what the online "
+                      "script trains on: its sampler supplies them); interleaved timing only",
+    "ours_vs_flow_grpo_time_ratio": "median step of ours_cached / median step of flow_grpo, interleaved "
+                                    "(< 1: ours faster); *_paired_median: median of the per-repetition "
+                                    "ratios; *_cpu_time_ratio: the same on process CPU time",
+    "ours_vs_flow_grpo_peak_rss_ratio": "peak RSS of the ours_cached process / the flow_grpo process (CPU; "
+                                        "GPU: torch.cuda.max_memory_allocated)",
 }
 FLOW_STRATS = ("flow_grpo", "flow_grpo_body", "ours_first_epoch", "ours_cached")
 # ours_cached reads the cache ours_first_epoch filled; flow_grpo_body's memory is flow_grpo's (run on request)
@@ -343,8 +344,8 @@ def _estimate_official(e: dict, isolated: dict) -> None:
 
 
 def bench_flow(args, plan, world: str) -> dict:
-    """flow_grpo's Flow-DPO step against ours on a flow world: each strategy alone in a fresh process (peak memory,
-    isolated times), then all interleaved in one process (the time ratios)."""
+    """flow_grpo's Flow-DPO step against ours on a flow world: each strategy alone in a fresh process (peak
+    memory, isolated times), then all interleaved in one process (the time ratios)."""
     wd = str(Path(args.workdir))
     n = plan.num_pairs(world)
     wanted = args.strategies.split(",") if args.strategies else list(FLOW_STRATS)
@@ -363,10 +364,9 @@ def bench_flow(args, plan, world: str) -> dict:
             isolated[s].append(out)
     inter = {"status": "not run"}
     if not args.no_interleaved:
-        inter = run_job(args, "job_flow_interleaved", dict(world=world, workdir=wd, num_pairs=n,
-                                                           strategies=[s for s in FLOW_STRATS if s in wanted],
-                                                           reps=plan.reps(world, "strategies"), warmup=args.warmup,
-                                                           device=args.device))
+        inter = run_job(args, "job_flow_interleaved", dict(
+            world=world, workdir=wd, num_pairs=n, strategies=[s for s in FLOW_STRATS if s in wanted],
+            reps=plan.reps(world, "strategies"), warmup=args.warmup, device=args.device, clocks="wall+cpu"))
     return summarize_flow(world, inter, isolated)
 
 
@@ -384,6 +384,8 @@ def summarize_flow(world: str, inter: dict, isolated: dict) -> dict:
             "median_step_s_interleaved": inter_s["median_step_s"] if inter_s else None,
             "step_times_s_interleaved": inter_s["step_times_s"] if inter_s else [],
             "losses_interleaved": inter_s["losses"] if inter_s else [],
+            "median_step_cpu_s_interleaved": (inter_s or {}).get("median_step_cpu_s"),
+            "step_cpu_s_interleaved": (inter_s or {}).get("step_cpu_s", []),
             "median_step_s_isolated": median(iso_times), "step_times_s_isolated": iso_times,
             "peak_rss_gib": max((x[mem_key] for x in runs if x.get(mem_key)), default=None),
             "peak_rss_source": ("isolated process, torch.cuda.max_memory_allocated" if gpu else
@@ -392,10 +394,11 @@ def summarize_flow(world: str, inter: dict, isolated: dict) -> dict:
                                    (inter_s or {}).get("flops_per_step")),
             "loadavg_during": [x.get("loadavg") for x in runs],
             "status": "ok" if (runs or inter_s) else "; ".join(
-                f"{x.get('status')}: {str(x.get('error', ''))[:300]}" for x in isolated.get(s, [])) or "not run",
+                f"{x.get('status')}: {str(x.get('error', ''))[:300]}" for x in isolated.get(s, []))
+            or "not run",
         }
-        # the steps' own high-water mark (VmHWM reset after the world build; the build's random init can peak above
-        # the steady state, and is the same for every strategy)
+        # the steps' own high-water mark (VmHWM reset after the world build; the build's random init can peak
+        # above the steady state, and is the same for every strategy)
         e["steps_peak_rss_gib"] = max((x["steps_peak_rss_gib"] for x in runs if x.get("steps_peak_rss_gib")),
                                       default=None)
         e["build_peak_rss_gib"] = max((x["build_peak_rss_gib"] for x in runs if x.get("build_peak_rss_gib")),
@@ -407,8 +410,9 @@ def summarize_flow(world: str, inter: dict, isolated: dict) -> dict:
             "isolated" if e["median_step_s_isolated"] else "none")
         entries[s] = e
     for s in ("ours_first_epoch", "ours_cached"):
-        entries[s]["definition"] = DEFINITIONS[s].replace("PreferenceTrainer step", "PreferenceTrainer step (sd3, "
-                                                          "LoRA r=32 a=64, reference = adapters disabled)")
+        entries[s]["definition"] = DEFINITIONS[s].replace(
+            "PreferenceTrainer step",
+            "PreferenceTrainer step (sd3, LoRA r=32 a=64, reference = adapters disabled)")
     ratios, sources = {}, {}
 
     def time_ratio(a, b):
@@ -417,14 +421,23 @@ def summarize_flow(world: str, inter: dict, isolated: dict) -> dict:
             return ratio(ea["median_step_s_interleaved"], eb["median_step_s_interleaved"]), "interleaved"
         return ratio(ea["median_step_s_isolated"], eb["median_step_s_isolated"]), "isolated"
 
+    def paired(a, b, what="step_times_s_interleaved"):
+        """Median over repetitions of (a's step / b's step) in the same rotation: robust to load that drifts
+        between repetitions."""
+        return median([x / y for x, y in zip(entries[a][what], entries[b][what]) if y])
+
     for ours_key, prefix in (("ours_cached", "ours"), ("ours_first_epoch", "ours_first_epoch")):
         for base in ("flow_grpo", "flow_grpo_body"):
             key = f"{prefix}_vs_{base}_time_ratio"
             ratios[key], sources[key] = time_ratio(ours_key, base)
+            ratios[f"{key}_paired_median"] = paired(ours_key, base)
+            cpu_key = "median_step_cpu_s_interleaved"
+            ratios[f"{prefix}_vs_{base}_cpu_time_ratio"] = ratio(entries[ours_key][cpu_key],
+                                                                 entries[base][cpu_key])
         ratios[f"{prefix}_vs_flow_grpo_peak_rss_ratio"] = ratio(entries[ours_key]["peak_rss_gib"],
                                                                 entries["flow_grpo"]["peak_rss_gib"])
-        ratios[f"{prefix}_vs_flow_grpo_steps_peak_rss_ratio"] = ratio(entries[ours_key]["steps_peak_rss_gib"],
-                                                                      entries["flow_grpo"]["steps_peak_rss_gib"])
+        ratios[f"{prefix}_vs_flow_grpo_steps_peak_rss_ratio"] = ratio(
+            entries[ours_key]["steps_peak_rss_gib"], entries["flow_grpo"]["steps_peak_rss_gib"])
         f_ours, f_base = entries[ours_key]["flops_per_step"], entries["flow_grpo"]["flops_per_step"]
         ratios[f"{prefix}_vs_flow_grpo_flops_ratio"] = ratio(f_ours, f_base)
     over, sources["cached_vs_first_epoch_speedup"] = time_ratio("ours_cached", "ours_first_epoch")
@@ -542,22 +555,25 @@ def flow_markdown(results: dict) -> list[str]:
         if not fl:
             continue
         d = cfg.get("world", {})
-        lines += [f"### {world}: {d.get('source', '')}, {d.get('resolution')} px, {d.get('batch_pairs')} pair(s)/step, "
-                  f"transformer {d.get('transformer_layers')} blocks", "",
-                  "| strategy | median s/step | timing | alone s/step | peak memory GiB | steps' peak GiB | "
-                  "TFLOP/step | vs flow_grpo time | vs flow_grpo_body time | vs flow_grpo memory | "
-                  "vs flow_grpo steps' peak |", "|" + "---|" * 11]
+        lines += [f"### {world}: {d.get('source', '')}, {d.get('resolution')} px, "
+                  f"{d.get('batch_pairs')} pair(s)/step, transformer {d.get('transformer_layers')} blocks",
+                  "",
+                  "| strategy | median s/step | timing | CPU s/step | alone s/step | peak memory GiB | "
+                  "TFLOP/step | vs flow_grpo time (paired) | vs flow_grpo CPU time | vs flow_grpo_body time "
+                  "(paired) | vs flow_grpo memory |", "|" + "---|" * 11]
         r = fl["ratios"]
         for name, e in fl["entries"].items():
             pre = {"ours_cached": "ours", "ours_first_epoch": "ours_first_epoch"}.get(name)
             flops = e["flops_per_step"] / 1e12 if e["flops_per_step"] else None
             lines.append("| " + " | ".join([
-                name, _f(e["median_step_s"]), e["timing_source"], _f(e["median_step_s_isolated"]),
-                _f(e["peak_rss_gib"], 2), _f(e.get("steps_peak_rss_gib"), 2), _f(flops, 4),
-                _f(r.get(f"{pre}_vs_flow_grpo_time_ratio")) if pre else "",
-                _f(r.get(f"{pre}_vs_flow_grpo_body_time_ratio")) if pre else "",
-                _f(r.get(f"{pre}_vs_flow_grpo_peak_rss_ratio")) if pre else "",
-                _f(r.get(f"{pre}_vs_flow_grpo_steps_peak_rss_ratio")) if pre else ""]) + " |")
+                name, _f(e["median_step_s"]), e["timing_source"], _f(e.get("median_step_cpu_s_interleaved")),
+                _f(e["median_step_s_isolated"]), _f(e["peak_rss_gib"], 2), _f(flops, 4),
+                f"{_f(r.get(f'{pre}_vs_flow_grpo_time_ratio'))} "
+                f"({_f(r.get(f'{pre}_vs_flow_grpo_time_ratio_paired_median'))})" if pre else "",
+                _f(r.get(f"{pre}_vs_flow_grpo_cpu_time_ratio")) if pre else "",
+                f"{_f(r.get(f'{pre}_vs_flow_grpo_body_time_ratio'))} "
+                f"({_f(r.get(f'{pre}_vs_flow_grpo_body_time_ratio_paired_median'))})" if pre else "",
+                _f(r.get(f"{pre}_vs_flow_grpo_peak_rss_ratio")) if pre else ""]) + " |")
         lines.append("")
         c = fl.get("checks") or {}
         lines += [f"LoRA moved (max |Δ|): ours {_f(c.get('ours_lora_max_abs_change'), 6)}, flow_grpo learner "
@@ -703,9 +719,10 @@ def main(argv=None) -> dict:
                                     {"world": world, "batch_pairs": 1})
                 add_throughput(args, cfg["world"], flow, info.get("gpu"))
                 for s, e in flow["entries"].items():
-                    results["entries"].append({"config": world, "strategy": s, "median_step_s": e["median_step_s"],
-                                               "peak_rss_gib": e["peak_rss_gib"], "pairs_per_s": e.get("pairs_per_s"),
-                                               "timing_source": e["timing_source"]})
+                    results["entries"].append({
+                        "config": world, "strategy": s, "median_step_s": e["median_step_s"],
+                        "peak_rss_gib": e["peak_rss_gib"], "pairs_per_s": e.get("pairs_per_s"),
+                        "timing_source": e["timing_source"]})
                 cfg.update(flow["ratios"])
             skipped = plan.sections - {"flow", "strategies", "epochs", "evaluators"}
             if skipped:

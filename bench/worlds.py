@@ -16,8 +16,8 @@ world      what it is
            16x32x32 latents, 77 CLIP + 128 T5 tokens (flow_grpo's max_sequence_length); 1 pair per step
 =========  ==================================================================================================
 
-``sd3_tiny``: the tiny SD3.5-like components of ``tests/fixtures/tiny_flow.py`` (32 px, 16x16x16 latents, 2 pairs
-per step), for the flow bench's smoke test.
+``sd3_tiny``: the tiny SD3.5-like components of ``tests/fixtures/tiny_flow.py`` (32 px, 16x16x16 latents,
+2 pairs per step), for the flow bench's smoke test.
 
 The tiny scorers of the ``evaluators`` section are test fixtures too (``tests/fixtures/tiny_scorers.py``):
 :func:`fixture_module` puts ``tests/`` on ``sys.path`` to import them.
@@ -71,9 +71,10 @@ CLIP_L_TEXT = dict(
     max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
 )
 
-# SD3.5-Medium (stabilityai/stable-diffusion-3.5-medium transformer/vae/text_encoder*/scheduler config.json values,
-# written out so nothing is downloaded). Depths are cut (``SD35M_LAYERS``) to fit a 2-core, 8 GiB-per-job budget:
-# the full model is 2.5 B (transformer) + 0.8 B (CLIPs) + 4.8 B (T5-XXL) parameters, ~32 GiB in fp32.
+# SD3.5-Medium (stabilityai/stable-diffusion-3.5-medium transformer/vae/text_encoder*/scheduler config.json
+# values, written out so nothing is downloaded). Depths are cut (``SD35M_LAYERS``) to fit a 2-core, 8 GiB per
+# job budget: the full model is 2.5 B (transformer) + 0.8 B (CLIPs) + 4.8 B (T5-XXL) parameters, ~32 GiB
+# in fp32.
 SD35M_LAYERS = {"transformer": 4, "clip_l": 2, "clip_g": 5, "t5": 1}  # real: 24, 12, 32, 24
 SD35M_RESOLUTION = 256  # 16x32x32 latents, 256 image tokens (real training: 512-1024 px)
 SD35M_T5_TOKENS = 128  # flow_grpo's compute_text_embeddings(max_sequence_length=128)
@@ -92,8 +93,9 @@ SD35M_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=1
                     max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
 SD35M_CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                     max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
-SD35M_T5 = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, relative_attention_num_buckets=32,
-                dropout_rate=0.0, feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+SD35M_T5 = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+                relative_attention_num_buckets=32, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                is_encoder_decoder=False)
 
 
 @dataclass
@@ -179,8 +181,8 @@ def sd35m_components(seed: int = 0, layers: dict | None = None):
 
     def clip(shape, layers):
         return CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE, bos_token_id=CLIP_BOS_ID, eos_token_id=CLIP_EOS_ID, pad_token_id=CLIP_EOS_ID,
-            **dict(shape, num_hidden_layers=layers)))
+            vocab_size=CLIP_VOCAB_SIZE, bos_token_id=CLIP_BOS_ID, eos_token_id=CLIP_EOS_ID,
+            pad_token_id=CLIP_EOS_ID, **dict(shape, num_hidden_layers=layers)))
 
     t5_tokenizer = fixture_module("tiny_flow").t5_tokenizer(model_max_length=SD35M_T5_TOKENS)
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), **dict(SD35M_T5, num_layers=n["t5"])))
@@ -303,8 +305,9 @@ def _build_world(name: str, workdir: Path, num_pairs: int, seed: int = 0) -> Wor
             workdir / f"pairs-toy-{num_pairs}", num_pairs, resolution, seed, fmt="PNG")
         return World("toy", components, Path(data), resolution, batch_pairs=8, num_pairs=num_pairs, source=source)
     if name == "sd35m":
-        data = write_pairs(workdir / f"pairs-sd35m-{num_pairs}", num_pairs, SD35M_RESOLUTION, seed, fmt="JPEG")
-        return World("sd35m", sd35m_components(seed), data, SD35M_RESOLUTION, batch_pairs=1, num_pairs=num_pairs,
+        res = SD35M_RESOLUTION
+        data = write_pairs(workdir / f"pairs-sd35m-{num_pairs}", num_pairs, res, seed, fmt="JPEG")
+        return World("sd35m", sd35m_components(seed), data, res, batch_pairs=1, num_pairs=num_pairs,
                      source="sd35m-shaped-random (depth cut, bench/worlds.py)")
     if name == "sd3_tiny":
         data = write_pairs(workdir / f"pairs-sd3tiny-{num_pairs}", num_pairs, 32, seed, fmt="PNG")

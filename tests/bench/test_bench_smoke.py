@@ -43,8 +43,8 @@ def test_quick_path_on_toy_writes_every_strategy_and_ratio(tmp_path):
 
 
 def test_flow_strategies_on_tiny_sd3_give_finite_losses_and_train_the_lora(tmp_path):
-    """``--sections flow`` on the tiny SD3.5-like world: flow_grpo's Flow-DPO step and ours, interleaved in this
-    process, one repetition."""
+    """``--sections flow`` on the tiny SD3.5-like world: flow_grpo's Flow-DPO step and ours, interleaved in
+    this process, one repetition."""
     import math
 
     if str(ROOT) not in sys.path:
