@@ -420,7 +420,8 @@ def test_demo_pictures_are_labelled_and_threads_are_set(tmp_path, monkeypatch):
     from diffalign.toy import demo
 
     seen = {}
-    monkeypatch.setattr(demo, "run_demo", lambda out, seed, max_steps: seen.update(threads=_torch.get_num_threads()))
+    monkeypatch.setattr(demo, "run_demo", lambda out, seed, max_steps, **kw: seen.update(
+        threads=_torch.get_num_threads()))
     before = _torch.get_num_threads()
     try:
         demo.main(["--threads", "1"])

@@ -99,6 +99,8 @@ class Run:  # what _mean_over_ranks reads of a trainer
 rank = Run.accelerator.process_index
 record = {"loss": 1.0 + 2 * rank, "rewards/accuracies": 0.25 * rank, "a": -rank}  # keys in no sorted order
 print(json.dumps({"rank": rank, "logged": PreferenceTrainer._mean_over_ranks(Run(), record)}), flush=True)
+Run.accelerator.wait_for_everyone()
+Run.accelerator.end_training()  # tear the gloo group down before exit (a rank leaving early aborts the other)
 """
 
 
