@@ -98,7 +98,9 @@ class Run:  # what _mean_over_ranks reads of a trainer
 
 rank = Run.accelerator.process_index
 record = {"loss": 1.0 + 2 * rank, "rewards/accuracies": 0.25 * rank, "a": -rank}  # keys in no sorted order
-print(json.dumps({"rank": rank, "logged": PreferenceTrainer._mean_over_ranks(Run(), record)}), flush=True)
+logged = PreferenceTrainer._mean_over_ranks(Run(), record)
+with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:  # a file per rank: their stdout lines interleave
+    json.dump({"rank": rank, "logged": logged}, f)
 Run.accelerator.wait_for_everyone()
 Run.accelerator.end_training()  # tear the gloo group down before exit (a rank leaving early aborts the other)
 """
@@ -111,10 +113,10 @@ def test_logged_values_are_means_over_ranks(tmp_path):
     script = tmp_path / "mean_over_ranks.py"
     script.write_text(MEAN_OVER_RANKS)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script),
+                          str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
+    lines = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(ln["rank"] for ln in lines) == [0, 1]
     for ln in lines:
         assert ln["logged"] == {"loss": 2.0, "rewards/accuracies": 0.125, "a": -0.5}
