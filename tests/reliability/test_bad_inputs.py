@@ -314,6 +314,30 @@ def test_torchrun_without_a_backend_never_trains_two_copies(tiny_sd15_dir, picka
            f"exit 2, one line: `{err[:200]}...`")
 
 
+def test_sharded_launch_and_unet_only_objective_on_a_flow_model_are_one_line(pickapic_dir, tmp_path, capsys,
+                                                                            monkeypatch):
+    import accelerate
+    from accelerate.utils import DistributedType
+    from fixtures.tiny_flow import save_tiny_flow_pipeline
+
+    sd3 = save_tiny_flow_pipeline(tmp_path / "sd3", "sd3")
+    assert main(["train", _write_config(tmp_path, sd3, pickapic_dir, tmp_path / "o", objective="inpo")]) == 2
+    err = _one_line(capsys)
+    assert "inpo does not run on sd3" in err and not (tmp_path / "o" / "summary.json").exists()
+    record("model", "`objective: inpo` (or `ppd`) on an SD3/FLUX model", f"exit 2, one line: `{err}`")
+
+    class Sharded(accelerate.Accelerator):  # what an FSDP config gives accelerate on GPUs
+        @property
+        def distributed_type(self):
+            return DistributedType.FSDP
+
+    monkeypatch.setattr(accelerate, "Accelerator", Sharded)
+    assert main(["train", _write_config(tmp_path, sd3, pickapic_dir, tmp_path / "o2", name="d.yaml")]) == 2
+    err = _one_line(capsys)
+    assert "FSDP is not supported yet" in err and not (tmp_path / "o2" / "summary.json").exists()
+    record("launch", "an FSDP or DeepSpeed accelerate config", f"exit 2, one line: `{err[:160]}...`")
+
+
 def test_resume_never_moves_a_run_backwards(tiny_sd15_dir, pickapic_dir, tmp_path, capsys):
     out = tmp_path / "o"
     cfg = _write_config(tmp_path, tiny_sd15_dir, pickapic_dir, out, max_steps=4, checkpoint_every=2)
