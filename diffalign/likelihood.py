@@ -359,9 +359,6 @@ def timestep_weights(scheduler, t: torch.Tensor, weighting: str = "none",
     ``compute_snr``. A step with ᾱ_t = 0 (the last step of a zero-terminal-SNR schedule) gets weight 1.
     """
     if is_flow_scheduler(scheduler):
-        if weighting not in FLOW_WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {FLOW_WEIGHTINGS} for a rectified-flow scheduler "
-                             f"({type(scheduler).__name__}), got {weighting!r}")
         return flow_weights(flow_sigmas(scheduler, t), weighting)
     if weighting not in WEIGHTINGS:
         family = " for a DDPM-family scheduler" if weighting in FLOW_WEIGHTINGS else ""

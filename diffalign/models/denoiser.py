@@ -160,11 +160,8 @@ def make_denoiser(family: str, module: torch.nn.Module, guidance_scale: float = 
 
 def make_reference(family: str, module: torch.nn.Module, frozen_copy: bool = False,
                    dtype: torch.dtype | None = None, guidance_scale: float = FLUX_GUIDANCE_SCALE):
-    """The reference denoiser: ``module`` with adapters disabled (LoRA), or a frozen copy of it
-    (``frozen_copy``, full fine-tuning). U-Net families get :class:`AdapterDisabledReference` /
-    :class:`FrozenCopyReference`."""
-    if family not in ("sd3", "flux"):
-        return FrozenCopyReference(module, dtype=dtype) if frozen_copy else AdapterDisabledReference(module)
+    """The reference denoiser of any family: ``module`` with its adapters disabled for the call (LoRA), or a
+    frozen copy of it taken now (``frozen_copy``, full fine-tuning; in ``dtype``)."""
     if frozen_copy:
         return make_denoiser(family, _frozen_copy(module, dtype), guidance_scale)
     return AdapterDisabledDenoiser(make_denoiser(family, module, guidance_scale))
@@ -209,19 +206,19 @@ class AdapterDisabledDenoiser:
             return self.inner(x_t, t, cond)
 
 
-class AdapterDisabledReference(UNetDenoiser):
+class AdapterDisabledReference(AdapterDisabledDenoiser):
     """Reference = the same U-Net with LoRA adapters disabled (no second copy in memory)."""
 
-    def __call__(self, x_t, t, cond):
-        with adapters_disabled(self.unet):
-            return super().__call__(x_t, t, cond)
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__(UNetDenoiser(unet))
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.inner.unet
 
 
 class FrozenCopyReference(UNetDenoiser):
     """Reference = a frozen deep copy of the U-Net taken at construction (full fine-tuning)."""
 
     def __init__(self, unet: torch.nn.Module, dtype: torch.dtype | None = None):
-        ref = copy.deepcopy(_unwrap(unet)).requires_grad_(False).eval()
-        if dtype is not None:
-            ref.to(dtype=dtype)
-        super().__init__(ref)
+        super().__init__(_frozen_copy(unet, dtype))
