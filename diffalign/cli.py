@@ -20,7 +20,7 @@ COMMANDS = {
     "train": ("diffalign.training.cli", "train a model from a YAML config"),
     "generate": ("diffalign.generate", "generate images from prompts (base model + optional LoRA)"),
     "personalize": ("diffalign.personalization.cli", "generate for a user of a PPD model (few-shot, user mixes)"),
-    "demo": ("diffalign.toy.demo", "run Diffusion-DPO end to end on the bundled toy world (CPU, minutes)"),
+    "demo": ("diffalign.toy.demo", "run Diffusion-DPO (or --objective grpo|nft) end to end on the bundled toy world (CPU, minutes)"),
     "eval": ("diffalign.evaluators.cli", "score images with reward models; win rates and reports"),
     "robot": ("diffalign.robot.cli", "robot-policy preference heads (DeformPAM, RAPL)"),
 }

@@ -307,6 +307,26 @@ def noisy_sample_and_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t:
     return x_t.to(x0.dtype), target
 
 
+def x0_coefficients(scheduler, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)`` with the clean-sample estimate :math:`\\hat x_0 = a\\, x_t - b\\, o` from the model output o at
+    ``t`` (N,), each (N, 1, ..., 1) fp32 for ``ndim``-d samples: rectified flow (o = v) a = 1, b = σ; DDPM family by
+    ``prediction_type``: ε: a = 1/sqrt(ᾱ), b = sqrt(1-ᾱ)/sqrt(ᾱ); v: a = sqrt(ᾱ), b = sqrt(1-ᾱ); x0 (``sample``):
+    a = 0, b = -1."""
+    shape = (-1, *([1] * (ndim - 1)))
+    if _scheduler_family(scheduler) == "flow":
+        sigma = flow_sigmas(scheduler, t).float().view(shape)
+        return torch.ones_like(sigma), sigma
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    abar = _alphas_cumprod(scheduler, t, ndim)
+    if prediction_type == "epsilon":
+        return 1 / abar.sqrt(), (1 - abar).sqrt() / abar.sqrt()
+    if prediction_type == "v_prediction":
+        return abar.sqrt(), (1 - abar).sqrt()
+    return torch.zeros_like(abar), -torch.ones_like(abar)
+
+
 def per_sample_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``mean((target - prediction)^2)`` over every dim but the first, in fp32. Shape (N, ...) -> (N,)."""
     sq = (prediction.float() - target.float()).pow(2)

@@ -1,5 +1,6 @@
 """Image-preference evaluators behind one interface: PickScore, HPSv2/v2.1, ImageReward, CLIP score, aesthetic, and
-the toy world's oracle reward (``toy``: no weights, offline, only meaningful on toy-world images).
+the toy world's oracle reward (``toy``: no weights, offline, only meaningful on toy-world images), and mean
+``brightness`` (no weights; a deliberately hackable reward for the reward-hacking monitor's demonstrations).
 
     >>> from diffalign.evaluators import load
     >>> scorer = load("pickscore", device="cuda", dtype="fp16")     # doctest: +SKIP
@@ -26,10 +27,11 @@ _REGISTRY: dict[str, tuple[str, str, dict]] = {
     "clip": ("clipscore", "CLIPScore", {}),
     "aesthetic": ("aesthetic", "AestheticScore", {}),
     "toy": ("toy_oracle", "ToyOracle", {}),
+    "brightness": ("brightness", "Brightness", {}),
 }
 
 # Names computed without weights (``weights`` must be None).
-WEIGHT_FREE = ("toy",)
+WEIGHT_FREE = ("toy", "brightness")
 
 # Official weights per name (what weights=None resolves to).
 DEFAULT_WEIGHTS = {
@@ -40,6 +42,7 @@ DEFAULT_WEIGHTS = {
     "clip": "openai/clip-vit-large-patch14",
     "aesthetic": "sac+logos+ava1-l14-linearMSE.pth (GitHub) on openai/clip-vit-large-patch14",
     "toy": "none (diffalign.toy.oracle_reward, computed from the pixels)",
+    "brightness": "none (mean Rec. 601 luma of the pixels; a deliberately hackable reward)",
 }
 
 
@@ -54,8 +57,8 @@ def load(
     """Build scorer ``name`` (one of :func:`available`).
 
     Args:
-        name: "pickscore", "hpsv2", "hpsv2.1", "imagereward", "clip", "aesthetic" or "toy" (the toy world's
-            oracle reward, :mod:`~diffalign.evaluators.toy_oracle`; no weights).
+        name: "pickscore", "hpsv2", "hpsv2.1", "imagereward", "clip", "aesthetic", "toy" (the toy world's
+            oracle reward, :mod:`~diffalign.evaluators.toy_oracle`; no weights) or "brightness" (mean luma).
         weights: hub id, local directory or local file; ``None`` = the official weights (:data:`DEFAULT_WEIGHTS`).
         device: where the networks run ("cpu", "cuda", "cuda:1", ...).
         dtype: ``None``/"fp32", "fp16" or "bf16" for the networks; scores are always returned as float32 on CPU.

@@ -12,13 +12,16 @@ from .dcpo import DCPOConfig
 from .dpo import DPOConfig, dpo_logits, dpo_loss, dpo_metrics
 from .inpo import InPOConfig
 from .mapo import MaPOConfig, mapo_log_odds, mapo_loss, phi
+from .online import GRPOConfig, NFTConfig
 from .seppo import SePPOConfig, aaf_sign, seppo_loss
 
 __all__ = [
     "DCPOConfig",
     "DPOConfig",
+    "GRPOConfig",
     "InPOConfig",
     "MaPOConfig",
+    "NFTConfig",
     "ObjectiveOutput",
     "PairErrors",
     "SePPOConfig",

@@ -31,7 +31,9 @@ class ObjectiveSpec:
     """What the trainer needs to know about an objective, declared once at registration.
 
     ``needs_reference``: compute reference errors. ``dual_captions``: winner and loser are conditioned on their own
-    captions (DCPO). How the errors are made (InPO's inversion, SePPO's sampled losers) is the training layer's
+    captions (DCPO). ``online``: the objective trains on the policy's own samples scored by a reward (GRPO, NFT): its
+    callable takes log-probabilities or velocities, not :class:`PairErrors`, and its recipe rolls out. How the errors
+    are made (InPO's inversion, SePPO's sampled losers) is the training layer's
     business: ``diffalign.training.trainer.RECIPES``.
     """
 
@@ -41,12 +43,14 @@ class ObjectiveSpec:
     needs_reference: bool
     doc: str = ""
     dual_captions: bool = False
+    online: bool = False
 
 
 _REGISTRY: dict[str, ObjectiveSpec] = {}
 
 
-def register_objective(name: str, config_cls: type, *, needs_reference: bool, dual_captions: bool = False):
+def register_objective(name: str, config_cls: type, *, needs_reference: bool, dual_captions: bool = False,
+                       online: bool = False):
     """Function decorator: ``@register_objective("dpo", DPOConfig, needs_reference=True)``.
 
     The decorated callable takes the config instance and returns ``objective(errors: PairErrors) -> ObjectiveOutput``.
@@ -56,7 +60,7 @@ def register_objective(name: str, config_cls: type, *, needs_reference: bool, du
         if name in _REGISTRY:
             raise ValueError(f"objective {name!r} is registered twice")
         _REGISTRY[name] = ObjectiveSpec(name, config_cls, build, needs_reference, (build.__doc__ or "").strip(),
-                                        dual_captions)
+                                        dual_captions, online)
         return build
 
     return wrap

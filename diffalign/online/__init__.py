@@ -7,7 +7,8 @@ Like :mod:`diffalign.objectives`, the steps and losses are functions of tensors 
 (training layer).
 
 Rewards in process (:mod:`~diffalign.online.rewards`): weighted sums of :mod:`diffalign.evaluators`
-scorers (imported when a :class:`Rewards` is built). The reward-hacking monitor
+scorers (imported when a :class:`Rewards` is built), or scorers served over HTTP by another process
+(:mod:`~diffalign.online.reward_server`: JSON with PNG images, no pickle). The reward-hacking monitor
 (:mod:`~diffalign.online.monitor`): image artefact statistics and :class:`HackingMonitor`.
 """
 
@@ -41,6 +42,7 @@ from .monitor import (
     high_frequency_energy,
     saturation,
 )
+from .reward_server import RemoteScorer, RewardServer, RewardServerError
 from .rewards import Rewards, RewardSpec, RewardTerm, to_pil_images
 from .rollout import Trajectory, rescore, rollout
 
@@ -50,6 +52,9 @@ __all__ = [
     "HackingMonitor",
     "MonitorVerdict",
     "OnlineLossOutput",
+    "RemoteScorer",
+    "RewardServer",
+    "RewardServerError",
     "RewardSpec",
     "RewardTerm",
     "Rewards",

@@ -49,6 +49,7 @@ mean, the held-out scorers' means from :meth:`~diffalign.online.rewards.Rewards.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -74,9 +75,14 @@ ACTIONS = ("warn", "checkpoint", "stop")
 
 # ----------------------------------------------------------------------------------------------- statistics
 def _as_float_images(images) -> np.ndarray:
-    """float64 (N, H, W, 3) in [0, 1] from uint8 (N, H, W, 3) / (H, W, 3), float in [0, 1], or PIL images."""
+    """float64 (N, H, W, 3) in [0, 1] from uint8 (N, H, W, 3) / (H, W, 3), float in [0, 1] (also a tensor,
+    channels first (N, 3, H, W) as decoded), or PIL images."""
+    if hasattr(images, "detach"):  # a torch tensor
+        images = images.detach().float().cpu().numpy()
     if isinstance(images, np.ndarray):
         arr = images
+        if arr.ndim == 4 and arr.shape[-1] != 3 and arr.shape[1] == 3:
+            arr = arr.transpose(0, 2, 3, 1)
     else:
         try:
             from PIL import Image
@@ -236,7 +242,11 @@ class HackingMonitor:
     A check happens at every record holding ``train_metric`` once the training metric has ``2 * window``
     values (``reference="start"``: ``2 * window`` too, so the windows do not overlap). A held-out metric ``h``
     with bad direction ``d_h`` (+1: up is bad, -1: down is bad) is bad at a check when ``Δ_train ≥ min_rise``
-    and ``d_h Δ_h ≥ min_fall_h``; it needs ``2 * window`` values of its own to be checked. The monitor is
+    and ``d_h Δ_h ≥ min_fall_h``; it needs ``2 * window`` values of its own to be checked. With
+    ``units="stderr"`` every Δ is divided by its standard error :math:`\\sqrt{(s^2_{now} + s^2_{ref}) / window}`
+    (population variances of the two windows; Welch's t statistic), so ``min_rise`` and ``min_fall`` are in
+    standard errors and one threshold fits metrics of any scale and noise (rollout means vary from step to step
+    with the prompts drawn). The monitor is
     flagged while some held-out metric has been bad for ≥ ``patience`` consecutive checks (a good check resets
     its count).
 
@@ -252,6 +262,7 @@ class HackingMonitor:
             float}`` (names missing from the dict use ``default_min_fall``).
         action: "warn", "checkpoint" or "stop": returned in the verdict when flagged; the trainer acts on it.
         reference: "previous" or "start" (see above).
+        units: "absolute" (Δ in the metric's units) or "stderr" (Δ over its standard error, see above).
     """
 
     def __init__(
@@ -266,6 +277,7 @@ class HackingMonitor:
         default_min_fall: float = 0.0,
         action: str = "warn",
         reference: str = "previous",
+        units: str = "absolute",
     ):
         if window < 1 or patience < 1:
             raise ValueError(f"window and patience must be >= 1; got window={window}, patience={patience}.")
@@ -273,6 +285,9 @@ class HackingMonitor:
             raise ValueError(f"action must be one of {', '.join(ACTIONS)}; got {action!r}.")
         if reference not in ("previous", "start"):
             raise ValueError(f"reference must be 'previous' or 'start'; got {reference!r}.")
+        if units not in ("absolute", "stderr"):
+            raise ValueError(f"units must be 'absolute' or 'stderr'; got {units!r}.")
+        self.units = units
         self.train_metric = str(train_metric)
         self.directions: dict[str, int] = {}
         items = held_out.items() if isinstance(held_out, Mapping) else [
@@ -314,6 +329,24 @@ class HackingMonitor:
         """Running means (last ``window`` values) of every watched metric that has values, for logging."""
         return {n: float(np.mean(list(d)[-self.window:])) for n, d in self._recent.items() if d}
 
+    def state_dict(self) -> dict:
+        """Everything :meth:`update` has accumulated, as plain JSON-able values (for checkpoints)."""
+        return {"recent": {n: list(d) for n, d in self._recent.items()}, "first": dict(self._first),
+                "counts": dict(self._counts), "streaks": dict(self.streaks), "step": self.step,
+                "verdict": dataclasses.asdict(self.verdict), "history": [list(h) for h in self.history]}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict`'s values (metrics the monitor no longer watches are ignored)."""
+        for n in self._recent:
+            self._recent[n].clear()
+            self._recent[n].extend(state["recent"].get(n, []))
+            self._first[n] = list(state["first"].get(n, []))
+            self._counts[n] = int(state["counts"].get(n, 0))
+        self.streaks = {n: int(state["streaks"].get(n, 0)) for n in self.directions}
+        self.step = int(state["step"])
+        self.verdict = MonitorVerdict(**state["verdict"])
+        self.history = [(int(step), str(reason)) for step, reason in state["history"]]
+
     def _delta(self, name: str) -> float | None:
         d = self._recent[name]
         if self._counts[name] < 2 * self.window:
@@ -321,7 +354,11 @@ class HackingMonitor:
         values = list(d)
         now = float(np.mean(values[-self.window:]))
         ref = self._first[name] if self.reference == "start" else values[:self.window]
-        return now - float(np.mean(ref))
+        delta = now - float(np.mean(ref))
+        if self.units == "stderr":
+            spread = (float(np.var(values[-self.window:])) + float(np.var(ref))) / self.window
+            delta /= math.sqrt(spread) + 1e-12
+        return delta
 
     def update(self, record: Mapping[str, float]) -> MonitorVerdict:
         """Add one step's record ``{metric: value}`` (other keys are ignored) and check; returns the verdict
@@ -359,8 +396,9 @@ class HackingMonitor:
             self.verdict = MonitorVerdict(deltas=deltas, streaks=dict(self.streaks))
             return self.verdict
         way = "rose" if self.directions[worst] > 0 else "fell"
-        reason = (f"step {self.step}: {self.train_metric} rose {d_train:+.4g} while held-out {worst} {way} "
-                  f"{deltas[worst]:+.4g} ({self.streaks[worst]} consecutive checks, window {self.window}, "
+        unit = " standard errors" if self.units == "stderr" else ""
+        reason = (f"step {self.step}: {self.train_metric} rose {d_train:+.4g}{unit} while held-out {worst} {way} "
+                  f"{deltas[worst]:+.4g}{unit} ({self.streaks[worst]} consecutive checks, window {self.window}, "
                   f"reference {self.reference})")
         self.verdict = MonitorVerdict(True, not was, reason, self.action, deltas, dict(self.streaks))
         if not was:

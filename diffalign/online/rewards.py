@@ -1,5 +1,5 @@
-"""Rewards computed in process: any :mod:`diffalign.evaluators` scorer (and the toy oracle, ``"toy"``) as a
-reward, several at once with weights.
+"""Rewards: any :mod:`diffalign.evaluators` scorer (and the toy oracle, ``"toy"``) as a reward, several at
+once with weights, each computed in process or by a reward server in another process or machine.
 
 A reward specification names scorers and their weights::
 
@@ -21,6 +21,22 @@ A ``weights=`` folder (hub id, local directory or file, as :func:`diffalign.eval
 comes from the dict form (``{"name": {"weight": w, "weights": path, **load options}}``) or from
 ``weights={name: path}`` passed to :meth:`RewardSpec.parse`.
 
+Remote scorers: a term whose options hold ``url`` is not loaded here but scored by the
+:class:`~diffalign.online.reward_server.RewardServer` at that URL (started with ``python -m
+diffalign.online.reward_server --metric NAME --port PORT``; images travel as PNG, so the scores equal the
+in-process ones exactly)::
+
+    spec = RewardSpec.parse({"pickscore": {"weight": 1.0, "url": "http://gpu-box:18085"}, "toy": 0.5})
+    spec = RewardSpec.parse("pickscore:1.0@http://gpu-box:18085,toy:0.5")              # the same
+
+In the string form the URL follows ``@`` after the weight, ``name[:weight]@url``, and runs to the next comma
+(so it may not hold one). The form ``name@url:weight`` is not accepted: ``pickscore@http://host:18085``
+would be ambiguous (a port or a weight?); it fails with a one-line error. Besides ``url`` and ``weight``, a
+remote term takes only the client options ``timeout`` (seconds per request) and ``retries`` (see
+:class:`~diffalign.online.reward_server.RemoteScorer`); the scorer's weights and load options belong to the
+server (``--weights`` there), so giving them here is an error. A remote server must serve the term's metric
+(it reports its name), and ``device``/``dtype``/``batch_size`` of :class:`Rewards` do not apply to it.
+
 Importing this module loads neither torch models nor the evaluators: :class:`Rewards` imports
 :mod:`diffalign.evaluators` when it is built.
 """
@@ -40,12 +56,41 @@ __all__ = ["RewardSpec", "RewardTerm", "Rewards", "to_pil_images"]
 @dataclass(frozen=True)
 class RewardTerm:
     """One scorer of a reward: registry ``name``, ``weight`` ``w`` in ``Σ w r``, ``weights`` (hub id / folder
-    / file for :func:`diffalign.evaluators.load`; ``None`` = official) and extra ``options`` for ``load``."""
+    / file for :func:`diffalign.evaluators.load`; ``None`` = official) and extra ``options`` for ``load`` (or,
+    with ``url`` among them, for :class:`~diffalign.online.reward_server.RemoteScorer`: ``url``, ``timeout``,
+    ``retries``)."""
 
     name: str
     weight: float = 1.0
     weights: str | None = None
     options: dict = field(default_factory=dict)
+
+    @property
+    def url(self) -> str | None:
+        """The reward server scoring this term, or ``None`` (scored in process)."""
+        return self.options.get("url")
+
+
+# the options a remote term (one with a ``url``) may carry besides its weight
+REMOTE_OPTIONS = ("url", "timeout", "retries")
+
+
+def _check_remote(t: RewardTerm) -> None:
+    if "url" not in t.options:
+        return
+    from .reward_server import check_url
+
+    try:
+        check_url(t.options["url"])
+    except ValueError as exc:
+        raise ValueError(f"reward {t.name!r}: {exc} In a string spec write 'name:weight@http://host:port'.") \
+            from None
+    extra = sorted(set(t.options) - set(REMOTE_OPTIONS))
+    if t.weights is not None or extra:
+        given = ", ".join((["weights"] if t.weights is not None else []) + extra)
+        raise ValueError(f"reward {t.name!r} is scored by the server at {t.options['url']}; {given} belong to "
+                         f"that server (python -m diffalign.online.reward_server --weights ...), not to the "
+                         f"reward spec (a remote term takes {', '.join(REMOTE_OPTIONS)}).")
 
 
 def _available() -> list[str]:
@@ -82,7 +127,7 @@ class RewardSpec:
         return {t.name: t.weight for t in self.terms}
 
     def __str__(self) -> str:
-        return ",".join(f"{t.name}:{t.weight:g}" for t in self.terms)
+        return ",".join(f"{t.name}:{t.weight:g}" + (f"@{t.url}" if t.url else "") for t in self.terms)
 
     @classmethod
     def parse(
@@ -91,9 +136,9 @@ class RewardSpec:
         *,
         weights: Mapping[str, str] | None = None,
     ) -> RewardSpec:
-        """Parse ``"name[:w],name[:w],..."``, ``{name: w}``, ``{name: {"weight": w, "weights": path,
-        **opts}}``, a list of :class:`RewardTerm` or a ``RewardSpec`` (returned as is unless ``weights`` is
-        given).
+        """Parse ``"name[:w][@url],name[:w][@url],..."``, ``{name: w}``, ``{name: {"weight": w, "weights":
+        path, **opts}}`` (``{"weight": w, "url": url}`` for a remote scorer), a list of :class:`RewardTerm` or a
+        ``RewardSpec`` (returned as is unless ``weights`` is given).
 
         Args:
             spec: the reward specification (see the module docstring).
@@ -102,7 +147,8 @@ class RewardSpec:
 
         Raises:
             ValueError (one line): empty spec, unknown scorer name, non-numeric or non-finite weight, a name
-                given twice, ``weights`` for a scorer not in the spec, or a malformed item.
+                given twice, ``weights`` for a scorer not in the spec, a malformed item or URL, or load
+                options (``weights`` included) for a remote term.
         """
         if isinstance(spec, RewardSpec):
             terms = list(spec.terms)
@@ -114,11 +160,13 @@ class RewardSpec:
                     if spec.strip():
                         raise ValueError(f"reward spec {spec!r}: empty item; use 'name:weight,name:weight'.")
                     continue
+                item, at, url = item.partition("@")
                 name, sep, value = item.partition(":")
                 name = name.strip()
                 if not name:
                     raise ValueError(f"reward spec {spec!r}: item {item!r} has no scorer name.")
-                terms.append(RewardTerm(name, _parse_weight(name, value.strip()) if sep else 1.0))
+                options = {"url": url.strip()} if at else {}
+                terms.append(RewardTerm(name, _parse_weight(name, value.strip()) if sep else 1.0, None, options))
         elif isinstance(spec, Mapping):
             terms = []
             for name, value in spec.items():
@@ -154,6 +202,8 @@ class RewardSpec:
             terms = [
                 RewardTerm(t.name, t.weight, weights.get(t.name, t.weights), dict(t.options)) for t in terms
             ]
+        for t in terms:
+            _check_remote(t)
         return cls(tuple(terms))
 
 
@@ -194,6 +244,10 @@ class Rewards:
             these are used instead of loading (share one scorer between the training reward and a held-out
             set).
 
+    A term with a ``url`` is scored by a :class:`~diffalign.online.reward_server.RemoteScorer` (nothing is
+    loaded here, and nothing is sent until the first call); ``device``, ``dtype`` and ``batch_size`` do not
+    apply to it, and each chunk of ``chunk_size`` images is one request.
+
     Attributes:
         spec: the parsed :class:`RewardSpec`; scorers: ``{name: scorer}`` in spec order.
     """
@@ -221,6 +275,11 @@ class Rewards:
         for t in self.spec.terms:
             if t.name in scorers:
                 self.scorers[t.name] = scorers[t.name]
+            elif t.url:
+                from .reward_server import RemoteScorer
+
+                remote = {k: v for k, v in t.options.items() if k != "url"}
+                self.scorers[t.name] = RemoteScorer(t.url, batch_size=None, expect_metric=t.name, **remote)
             else:
                 from diffalign.evaluators import load
 

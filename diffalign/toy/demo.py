@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .components import DEFAULT_FLOW_GUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE
+
 # Tuned on the toy world (2 CPU cores, ~2 min): the toy latents have 4x8x8 = 256 dims instead of SD1.5's
 # 16,384, so per-sample error differences are much noisier and a smaller β (1000) keeps the logits out of
 # saturation.
@@ -55,6 +57,19 @@ FLOW_DEMO_DEFAULTS = {
 }
 WORLDS = ("sd", "flow")
 
+# Online RL on the toy worlds (``--objective grpo|nft``): the policy samples G images per training prompt and is
+# scored by the toy oracle (``--reward``; ``brightness`` is the deliberately hackable one), LoRA on the family's
+# default targets. The monitor scores the same rollouts with the held-out metrics and the artefact statistics.
+# Learning rates from seed 0 (60 steps, held-out oracle gain): GRPO U-Net 1e-3 -> +0.024, 3e-3 -> +0.048; GRPO flow
+# 1e-3 -> +0.120; NFT U-Net 1e-3 -> +0.293.
+ONLINE_DEMO_DEFAULTS = {
+    "grpo": {"max_steps": 60, "batch_size": 4, "group_size": 8, "learning_rate": 3e-3, "rank": 8,
+             "num_inference_steps": 10, "kl_beta": 0.01, "updates_per_rollout": 2},
+    "nft": {"max_steps": 60, "batch_size": 4, "group_size": 8, "learning_rate": 1e-3, "rank": 8,
+            "num_inference_steps": 10, "kl_beta": 1e-4, "updates_per_rollout": 1},
+}
+OBJECTIVES = ("dpo", *ONLINE_DEMO_DEFAULTS)
+
 
 def world_defaults(world: str = "sd") -> dict:
     """:data:`DEMO_DEFAULTS` (``sd``, the U-Net toy world) or :data:`FLOW_DEMO_DEFAULTS` (``flow``)."""
@@ -69,6 +84,38 @@ def world_paths(world: str = "sd") -> tuple[Path, Path]:
 
     world_defaults(world)
     return (toy_model_path(), toy_pairs_path()) if world == "sd" else (toy_flow_path(), toy_flow_pairs_path())
+
+
+def online_config(out_dir: str | Path, seed: int = 0, world: str = "sd", objective: str = "grpo",
+                  reward: str = "toy", held_out: str | None = None, **overrides) -> dict:
+    """The online (GRPO / NFT) config the demo runs: the world's training prompts, ``reward`` as the training
+    reward, and what the monitor watches on the same rollouts: ``held_out`` scorers, by default the oracle's
+    caption fidelity alone (``toy`` with ``taste_weight`` 0: it falls if the policy trades the caption for the
+    taste) when training on the oracle, else the whole oracle and the artefact statistics. On the toy images the
+    artefact statistics move with the taste (bigger shapes), so the oracle runs log them without watching."""
+    model, pairs = world_paths(world)
+    o = {**ONLINE_DEMO_DEFAULTS[objective], **overrides}
+    guidance = DEFAULT_GUIDANCE_SCALE if world == "sd" else DEFAULT_FLOW_GUIDANCE_SCALE
+    if held_out is None:
+        held_out = {"toy": {"taste_weight": 0.0}} if reward == "toy" else "toy"
+    return {
+        "model": {"pretrained": str(model), "lora": {"rank": o["rank"], "alpha": o["rank"], "target_modules": None}},
+        "dataset": {"resolution": 32},
+        "objective": {"name": objective, "kl_beta": o["kl_beta"]},
+        "rollout": {"prompts": str(pairs / "train_prompts.txt"), "rewards": reward, "group_size": o["group_size"],
+                    "num_inference_steps": o["num_inference_steps"], "guidance_scale": guidance,
+                    "updates_per_rollout": o["updates_per_rollout"]},
+        "monitor": {"held_out": held_out, "window": 10, "patience": 3,
+                    "artefacts": "log" if reward == "toy" else "watch"},
+        "output_dir": str(out_dir),
+        "max_steps": o["max_steps"],
+        "batch_size": o["batch_size"],
+        "seed": seed,
+        "log_every": 1,
+        "checkpoint_every": None,
+        "report_to": None,
+        "optimizer": {"learning_rate": o["learning_rate"], "lr_scheduler": "constant", "weight_decay": 0.0},
+    }
 
 
 def demo_config(out_dir: str | Path, seed: int = 0, world: str = "sd", **overrides) -> dict:
@@ -106,15 +153,19 @@ def win_rate(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, quiet: bool = False, world: str = "sd",
-             **overrides) -> dict:
+             online: str | None = None, reward: str = "toy", held_out: str | None = None, **overrides) -> dict:
+    """Train, then compare base and aligned on the held-out prompts. ``online``: ``"grpo"`` or ``"nft"`` trains
+    online against ``reward`` (the monitor watching ``held_out``) instead of DPO on the pairs."""
+    from ..inference import load_pipeline
     from ..training.config import parse_config
     from ..training.trainer import trainer_class
     from . import heldout_prompts
-    from ..inference import load_pipeline
 
     out_dir = Path(out_dir)
     start = time.time()
-    cfg = parse_config(demo_config(out_dir, seed, world, **overrides))
+    raw = (online_config(out_dir, seed, world, online, reward, held_out, **overrides) if online
+           else demo_config(out_dir, seed, world, **overrides))
+    cfg = parse_config(raw)
     trainer = trainer_class(cfg)(cfg).setup(overwrite=True)  # SePPO and InPO need their recipes
     trainer.train()
     trainer.cleanup()
@@ -146,10 +197,18 @@ def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, quiet: bool = Fal
     n = min(16, len(prompts))
     _plot_samples(base_images[:n], aligned_images[:n], prompts[:n], base[:n], aligned[:n],
                   out_dir / "samples.png")
-    _plot_curves(trainer.history, out_dir / "curves.png")
+    if online:
+        report["reward"] = reward
+        report["monitor_flags"] = [{"step": st, "reason": why} for st, why in trainer.monitor.history]
+        (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+        plot_online_curves(trainer.history, out_dir / "curves.png", reward)
+    else:
+        _plot_curves(trainer.history, out_dir / "curves.png")
     if not quiet:
         print(f"base reward {report['base_reward']:.4f}  aligned reward {report['aligned_reward']:.4f}  "
               f"win rate {report['win_rate']:.1%} on {len(prompts)} held-out images")
+        if online and report["monitor_flags"]:
+            print(f"reward-hacking monitor flagged: {report['monitor_flags'][0]['reason']}")
         print(f"wrote {out_dir / 'report.json'}, samples.png, curves.png; LoRA: {report['lora_path']}")
     return report
 
@@ -219,6 +278,37 @@ def _plot_curves(history: list[dict], path: Path):
     plt.close(fig)
 
 
+def plot_online_curves(history: list[dict], path: Path, reward: str = "toy"):
+    """Left: the training reward per step; middle: the held-out scorers (``heldout/*``); right: the artefact
+    statistics (``artefact/*``), each divided by its mean over the first 10 steps; red marks: steps the monitor was
+    flagged."""
+    plt = _pyplot()
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(steps, [h.get("reward", float("nan")) for h in history], color="C0")
+    axes[0].set_title(f"training reward ({reward}), rollout mean")
+    for ax, prefix, title in ((axes[1], "heldout/", "held-out scorers on the same rollouts"),
+                              (axes[2], "artefact/", "artefact statistics / mean of steps 1-10")):
+        keys = sorted({k for h in history for k in h if k.startswith(prefix)})
+        for i, key in enumerate(keys):
+            vals = np.array([h.get(key, np.nan) for h in history], dtype=float)
+            if prefix == "artefact/":
+                vals = vals / max(abs(np.nanmean(vals[:10])), 1e-12)
+            ax.plot(steps, vals, color=f"C{i + 1}", label=key[len(prefix):])
+        if keys:
+            ax.legend(fontsize=7)
+        ax.set_title(title)
+    for ax in axes:
+        flagged = [h["step"] for h in history if h.get("monitor/flagged")]
+        for st in flagged:
+            ax.axvline(st, color="red", alpha=0.08, lw=2)
+        ax.set_xlabel("step")
+    fig.suptitle("online run: red background = steps the reward-hacking monitor was flagged", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="diffalign demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -226,12 +316,22 @@ def main(argv: list[str]) -> int:
     p.add_argument("--world", choices=WORLDS, default="sd",
                    help="sd: the U-Net toy world (assets/toy-sd, toy-pairs); flow: the SD3-style toy world "
                         "(assets/toy-flow, toy-flow-pairs), Flow-DPO")
-    p.add_argument("--max-steps", type=int, default=None, help="default: the world's (150)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="dpo",
+                   help="dpo: Diffusion-DPO / Flow-DPO on the shipped pairs; grpo, nft: online RL against --reward "
+                        "on the policy's own samples")
+    p.add_argument("--reward", default="toy",
+                   help="online: the training reward (default toy, the oracle; brightness is deliberately hackable "
+                        "and shows the monitor flagging the run)")
+    p.add_argument("--max-steps", type=int, default=None, help="default: the world's (150; online 60)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a 2-core machine more threads are slower, up to "
                         "10x when the machine is busy; the README's figures are on 1 thread)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
-    steps = args.max_steps or world_defaults(args.world)["max_steps"]
-    run_demo(args.out, args.seed, world=args.world, max_steps=steps)
+    if args.objective == "dpo":
+        steps = args.max_steps or world_defaults(args.world)["max_steps"]
+        run_demo(args.out, args.seed, world=args.world, max_steps=steps)
+    else:
+        steps = args.max_steps or ONLINE_DEMO_DEFAULTS[args.objective]["max_steps"]
+        run_demo(args.out, args.seed, world=args.world, online=args.objective, reward=args.reward, max_steps=steps)
     return 0

@@ -112,8 +112,8 @@ class DataConfig:
         "help": "Stop when fewer than this share of the pairs read so far could be decoded (checked from "
                 "64 pairs on); a run where no pair can be read always stops."})
 
-    def validate(self):
-        _check(self.source is not None, "dataset.source", "is required")
+    def validate(self, required: bool = True):
+        _check(self.source is not None or not required, "dataset.source", "is required")
         _check(self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
                "dataset.resolution", f"must be a positive multiple of 8, got {self.resolution}")
         _check(0 <= self.min_readable_fraction <= 1, "dataset.min_readable_fraction",
@@ -192,6 +192,129 @@ class ValidationConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Online objectives (``grpo``, ``nft``): what the policy samples each step and how it is scored. Each process
+    takes ``batch_size`` prompts per step and samples ``group_size`` images of each."""
+
+    prompts: str | None = field(default=None, metadata={
+        "help": "A text file, one prompt per line (blank lines and lines starting with # are skipped)."})
+    group_size: int = field(default=8, metadata={
+        "help": "G images per prompt; advantages are normalised within each prompt's group (flow_grpo: 16-24)."})
+    num_inference_steps: int = field(default=10, metadata={
+        "help": "Sampling steps of a rollout (flow_grpo SD3.5-M: 10; DDPO: 50)."})
+    guidance_scale: float = field(default=4.5, metadata={
+        "help": "CFG w of the rollouts (and of the re-scored steps); 1 = none. FLUX-dev uses model.flux_guidance."})
+    noise_level: float = field(default=0.7, metadata={
+        "help": "Flow models: a of the SDE step's σ_t (Flow-GRPO: 0.7; CPS: 0.8)."})
+    sde_type: str = field(default="sde", metadata={"help": "Flow models: sde (Flow-GRPO) | cps."})
+    eta: float = field(default=1.0, metadata={"help": "U-Nets: η of the stochastic DDIM step (DDPO: 1.0)."})
+    sde_window_size: int = field(default=0, metadata={
+        "help": "Stochastic (and trained) steps per rollout: 0 = every step but the last; k = a window of k "
+                "consecutive steps drawn per rollout, ODE elsewhere (Flow-GRPO-Fast, MixGRPO)."})
+    sde_window_range: list[int] | None = field(default=None, metadata={
+        "help": "[lo, hi): where the window may start and end; null = the whole trajectory."})
+    sample_batch_size: int | None = field(default=None, metadata={
+        "help": "Images per rollout forward, and per training micro-batch (equal sizes keep the first ratio at "
+                "1); null = all batch_size x group_size at once."})
+    updates_per_rollout: int = field(default=1, metadata={
+        "help": "Optimizer updates per rollout: the micro-batches x trained steps are split in this many "
+                "parts (flow_grpo: 1-2). The first is on-policy (ratio 1); the others are where clipping acts."})
+    num_inner_epochs: int = field(default=1, metadata={"help": "Passes over each rollout (official: 1)."})
+    rewards: Any = field(default="pickscore", metadata={
+        "help": "Reward: 'name[:weight],...' or {name: weight | {weight:, weights:, url:}} of diffalign.evaluators "
+                "scorers (pickscore, hpsv2, hpsv2.1, imagereward, clip, aesthetic, toy, brightness)."})
+    reward_device: str | None = field(default=None, metadata={
+        "help": "Where the reward models run; null = the training device."})
+    per_prompt: bool = field(default=True, metadata={
+        "help": "Advantages centred per prompt (GRPO); false = over the whole batch."})
+    global_std: bool = field(default=True, metadata={
+        "help": "Divide by the std of all rewards of the step (flow_grpo default) instead of each group's."})
+    ratio_tolerance: float = field(default=1e-4, metadata={
+        "help": "Warn when max |ρ - 1| of the first (on-policy) update of a rollout exceeds this."})
+
+    def validate(self, key="rollout"):
+        _check(self.group_size >= 2, f"{key}.group_size", f"must be >= 2 (advantages compare the images of a "
+               f"prompt), got {self.group_size}")
+        _check(self.num_inference_steps >= 2, f"{key}.num_inference_steps",
+               f"must be >= 2, got {self.num_inference_steps}")
+        _check(self.guidance_scale >= 1, f"{key}.guidance_scale", f"must be >= 1, got {self.guidance_scale}")
+        _check(self.noise_level >= 0, f"{key}.noise_level", f"must be >= 0, got {self.noise_level}")
+        _check(self.sde_type in ("sde", "cps"), f"{key}.sde_type", f"must be sde or cps, got {self.sde_type!r}")
+        _check(self.eta > 0, f"{key}.eta", f"must be > 0, got {self.eta}")
+        _check(0 <= self.sde_window_size < self.num_inference_steps, f"{key}.sde_window_size",
+               f"must be in [0, num_inference_steps), got {self.sde_window_size}")
+        if self.sde_window_range is not None:
+            lo_hi = self.sde_window_range
+            _check(len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1] <= self.num_inference_steps
+                   and lo_hi[1] - lo_hi[0] >= self.sde_window_size, f"{key}.sde_window_range",
+                   f"must be [lo, hi) with 0 <= lo < hi <= num_inference_steps holding the window, got {lo_hi}")
+        _check(self.sample_batch_size is None or self.sample_batch_size >= 1, f"{key}.sample_batch_size",
+               f"must be >= 1 or null, got {self.sample_batch_size}")
+        _check(self.updates_per_rollout >= 1, f"{key}.updates_per_rollout",
+               f"must be >= 1, got {self.updates_per_rollout}")
+        _check(self.num_inner_epochs >= 1, f"{key}.num_inner_epochs", f"must be >= 1, got {self.num_inner_epochs}")
+        _check(self.ratio_tolerance > 0, f"{key}.ratio_tolerance", f"must be > 0, got {self.ratio_tolerance}")
+        from ..online.rewards import RewardSpec
+
+        try:
+            RewardSpec.parse(self.rewards)
+        except ValueError as err:
+            raise ConfigError(f"{key}.rewards: {err}") from None
+
+
+@dataclass
+class MonitorConfig:
+    """The reward-hacking monitor of online runs (:class:`diffalign.online.HackingMonitor`): the rollout images
+    are also scored by held-out scorers and artefact statistics, logged beside the training reward; the monitor
+    flags a run whose reward rises while a held-out metric moves the bad way."""
+
+    held_out: Any = field(default=None, metadata={
+        "help": "Held-out scorers, as rollout.rewards (their weights are ignored), logged as heldout/<name>; "
+                "null = none."})
+    artefacts: Any = field(default="watch", metadata={
+        "help": "Artefact statistics of the rollout images (artefact/saturation, high_freq, grid, emptiness): "
+                "watch (log them and let them flag), log, or off (YAML reads off/false as false, on/true as "
+                "watch)."})
+    window: int = field(default=10, metadata={"help": "Steps per running mean."})
+    patience: int = field(default=3, metadata={"help": "Consecutive bad checks before the monitor flags."})
+    units: str = field(default="stderr", metadata={
+        "help": "stderr: min_rise and min_fall count standard errors of the change of a running mean (Welch's t: "
+                "fits every metric's scale and the step-to-step noise of rollout means); absolute: the metric's "
+                "units."})
+    min_rise: float = field(default=2.0, metadata={
+        "help": "Smallest rise of the reward's running mean that counts."})
+    min_fall: float = field(default=2.0, metadata={
+        "help": "Smallest bad-way move of a held-out running mean that counts."})
+    reference: str = field(default="start", metadata={
+        "help": "start: compare with the first window of the run; previous: with the window before."})
+    action: str = field(default="warn", metadata={
+        "help": "When flagged: warn | checkpoint (save one, go on) | stop (save one and end the run)."})
+
+    def validate(self, key="monitor"):
+        _check(self.window >= 1, f"{key}.window", f"must be >= 1, got {self.window}")
+        _check(self.patience >= 1, f"{key}.patience", f"must be >= 1, got {self.patience}")
+        _check(self.min_fall >= 0 and self.min_rise >= 0, f"{key}.min_fall",
+               "min_rise and min_fall must be >= 0")
+        if isinstance(self.artefacts, bool):  # YAML 1.1: `off` / `no` load as false
+            self.artefacts = "watch" if self.artefacts else "off"
+        _check(self.artefacts in ("watch", "log", "off"), f"{key}.artefacts",
+               f"must be watch, log or off, got {self.artefacts!r}")
+        _check(self.units in ("stderr", "absolute"), f"{key}.units",
+               f"must be stderr or absolute, got {self.units!r}")
+        _check(self.reference in ("start", "previous"), f"{key}.reference",
+               f"must be start or previous, got {self.reference!r}")
+        _check(self.action in ("warn", "checkpoint", "stop"), f"{key}.action",
+               f"must be warn, checkpoint or stop, got {self.action!r}")
+        if self.held_out is not None:
+            from ..online.rewards import RewardSpec
+
+            try:
+                RewardSpec.parse(self.held_out)
+            except ValueError as err:
+                raise ConfigError(f"{key}.held_out: {err}") from None
+
+
+@dataclass
 class ObjectiveSection:
     name: str = "dpo"
     params: Any = None  # the objective's own config dataclass instance
@@ -200,11 +323,12 @@ class ObjectiveSection:
 @dataclass
 class TrainConfig:
     model: ModelConfig
-    dataset: DataConfig
     objective: ObjectiveSection
     output_dir: str
     max_steps: int
-    batch_size: int = field(default=1, metadata={"help": "Pairs per device per micro-step."})
+    dataset: DataConfig = field(default_factory=DataConfig, metadata={
+        "help": "The preference pairs (offline objectives); online objectives use only its resolution."})
+    batch_size: int = field(default=1, metadata={"help": "Pairs (online: prompts) per device per micro-step."})
     gradient_accumulation_steps: int = 1
     mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16."})
     seed: int = 0
@@ -225,10 +349,25 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    @property
+    def online(self) -> bool:
+        """The objective trains on the policy's own samples (``grpo``, ``nft``): a rollout, no pairs."""
+        return get_objective_spec(self.objective.name).online
 
     def validate(self):
         self.model.validate()
-        self.dataset.validate()
+        if self.online:
+            _check(self.rollout.prompts is not None, "rollout.prompts",
+                   f"is required for objective {self.objective.name} (a text file, one prompt per line)")
+            self.rollout.validate()
+            self.monitor.validate()
+            _check(self.gradient_accumulation_steps == 1, "gradient_accumulation_steps",
+                   "online objectives accumulate over a rollout's micro-batches; set rollout.updates_per_rollout "
+                   "and rollout.sample_batch_size instead")
+        self.dataset.validate(required=not self.online)
         self.optimizer.validate()
         self.validation.validate()
         self.flow.validate()

@@ -55,7 +55,7 @@ from ..models import (
     set_attention_backend,
 )
 from ..models.text import build_condition, encode_prompts, sdxl_time_ids
-from ..objectives import ObjectiveOutput, build_objective
+from ..objectives import ObjectiveOutput, build_objective, get_objective_spec
 from . import checkpoint as ckpt
 from .config import TrainConfig, dump_config
 
@@ -247,9 +247,31 @@ class PreferenceTrainer:
             num_warmup_steps=cfg.optimizer.warmup_steps, num_training_steps=cfg.max_steps,
         )
 
-        d = cfg.dataset
-        if d.resolution is None:
-            d.resolution = c.native_resolution
+        if cfg.dataset.resolution is None:
+            cfg.dataset.resolution = c.native_resolution
+        self.build_dataset()
+        self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if acc.is_main_process:
+            (self.output_dir / "config.yaml").write_text(dump_config(cfg))
+        if resume:
+            self._resume()
+        if cfg.report_to and acc.is_main_process:
+            acc.init_trackers("diffalign", config=_flat_scalars(cfg.to_dict()))
+        acc.print(
+            f"diffalign: {cfg.objective.name} on {c.source} ({c.family}), {self.data_summary()}, "
+            f"{'LoRA r=%d' % m.lora.rank if m.lora else 'full fine-tuning'}, "
+            f"{sum(p.numel() for p in params):,} trainable params, {cfg.dataset.resolution} px, device {acc.device}, "
+            f"{acc.num_processes} process{'es' if acc.num_processes > 1 else ''}"
+        )
+        return self
+
+    def build_dataset(self) -> None:
+        """``self.dataset`` (the preference pairs, with the objective's dual captions) and ``self.cache`` (VAE
+        latents and text embeddings under ``dataset.cache_dir``, else None)."""
+        cfg, c, m, d = self.config, self.components, self.config.model, self.config.dataset
+        spec = get_objective_spec(cfg.objective.name)
         transform = PairTransform(d.resolution, d.center_crop, d.random_flip)
         self.dataset = PreferencePairs(
             d.source, split=d.split, transform=transform, keep_ties=d.keep_ties, max_samples=d.max_samples,
@@ -267,24 +289,12 @@ class PreferenceTrainer:
             self.dataset.latent_cache = self.cache
             if d.precompute_text:
                 self._precompute_text()
-        self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)
 
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        if acc.is_main_process:
-            (self.output_dir / "config.yaml").write_text(dump_config(cfg))
-        if resume:
-            self._resume()
-        if cfg.report_to and acc.is_main_process:
-            acc.init_trackers("diffalign", config=_flat_scalars(cfg.to_dict()))
-        acc.print(
-            f"diffalign: {cfg.objective.name} on {c.source} ({c.family}), {len(self.dataset)} pairs "
-            f"(ties dropped {self.dataset.stats.ties_dropped}, "
-            f"bad labels {self.dataset.stats.bad_labels_dropped}), "
-            f"{'LoRA r=%d' % m.lora.rank if m.lora else 'full fine-tuning'}, "
-            f"{sum(p.numel() for p in params):,} trainable params, {d.resolution} px, device {acc.device}, "
-            f"{acc.num_processes} process{'es' if acc.num_processes > 1 else ''}"
-        )
-        return self
+    def data_summary(self) -> str:
+        """The data part of the start-up line."""
+        stats = self.dataset.stats
+        return (f"{len(self.dataset)} pairs (ties dropped {stats.ties_dropped}, "
+                f"bad labels {stats.bad_labels_dropped})")
 
     def _dual_captions(self, params):
         from ..data.captions import WordSwap, caption_vocabulary, load_captioner
@@ -482,69 +492,77 @@ class PreferenceTrainer:
         return out
 
     # ------------------------------------------------------------------ loop
+    def batches(self):
+        """The micro-batches of the run, from the resume point on: epochs of the pairs in a per-epoch
+        permutation sharded by rank (:class:`ResumableSampler`); ``self.position`` counts what this process
+        consumed, unreadable pairs included."""
+        cfg, acc = self.config, self.accelerator
+        while True:
+            self.dataset.epoch = self.epoch
+            sampler = ResumableSampler(len(self.dataset), cfg.seed, self.epoch, self.position,
+                                       rank=acc.process_index, world_size=acc.num_processes)
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_pairs,
+                num_workers=cfg.dataset.num_workers,
+            )
+            read, unread = 0, 0  # this epoch's pairs, readable and not
+            for batch in loader:
+                self.position += batch["size"] + batch["num_skipped"]
+                self._count_unreadable(batch)
+                read, unread = read + batch["size"], unread + batch["num_skipped"]
+                if batch["size"]:
+                    yield batch
+            if unread and not read:
+                raise UnreadableDataError(self._unreadable_message("no pair of the epoch could be read"))
+            self.epoch += 1
+            self.position = 0
+
+    progress_keys = (("loss", "loss"), ("acc", "rewards/accuracies"))  # progress-bar (label, record key)
+
     def train(self) -> dict:
         cfg, acc = self.config, self.accelerator
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train",
                    disable=not acc.is_local_main_process, dynamic_ncols=True)
         start = time.time()
+        self.stop_reason = None  # a recipe may end the run early (the online monitor's ``action: stop``)
+        batches = self.batches()
         try:  # the bar ends its line even when the run stops with an error
-            while self.step < cfg.max_steps:
-                self.dataset.epoch = self.epoch
-                sampler = ResumableSampler(len(self.dataset), cfg.seed, self.epoch, self.position,
-                                           rank=acc.process_index, world_size=acc.num_processes)
-                loader = torch.utils.data.DataLoader(
-                    self.dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_pairs,
-                    num_workers=cfg.dataset.num_workers,
-                )
-                read, unread = 0, 0  # this epoch's pairs, readable and not
-                for batch in loader:
-                    self.position += batch["size"] + batch["num_skipped"]
-                    self._count_unreadable(batch)
-                    read, unread = read + batch["size"], unread + batch["num_skipped"]
-                    if batch["size"] == 0:
-                        continue
-                    self.training_step(batch)
-                    if not acc.sync_gradients:
-                        continue
-                    if self.bad_window:
-                        self._on_nonfinite(self.window)
-                        self.window, self.bad_window = [], False
-                        continue
-                    self.consecutive_nonfinite = 0
-                    self.lr_scheduler.step()
-                    self.step += 1
-                    if self.ema is not None:
-                        self.ema.step(self.trainable_parameters())
-                    self.after_step()
-                    bar.update(1)
-                    record = self._mean_over_ranks(
-                        {k: float(np.mean([w[k] for w in self.window])) for k in self.window[0]})
-                    record.update(step=self.step, lr=self.lr_scheduler.get_last_lr()[0],
-                                  skipped=self.num_skipped, nonfinite_skipped=self.nonfinite_skipped)
-                    self.window = []
-                    self.history.append(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}",
-                                    acc=f"{record.get('rewards/accuracies', 0):.2f}")
-                    if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                        self._log(record)
-                    if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
-                            and self.step < cfg.max_steps):
-                        self.save_checkpoint()
-                    if cfg.validation.every and self.step % cfg.validation.every == 0:
-                        self.validate()
-                    if self.step >= cfg.max_steps:
-                        break
-                else:
-                    if unread and not read:
-                        raise UnreadableDataError(
-                            self._unreadable_message("no pair of the epoch could be read"))
-                    self.epoch += 1
-                    self.position = 0
+            while self.step < cfg.max_steps and self.stop_reason is None:
+                self.training_step(next(batches))
+                if not acc.sync_gradients:
+                    continue
+                if self.bad_window:
+                    self._on_nonfinite(self.window)
+                    self.window, self.bad_window = [], False
+                    continue
+                self.consecutive_nonfinite = 0
+                self.lr_scheduler.step()
+                self.step += 1
+                if self.ema is not None:
+                    self.ema.step(self.trainable_parameters())
+                self.after_step()
+                bar.update(1)
+                record = self._mean_over_ranks(
+                    {k: float(np.mean([w[k] for w in self.window])) for k in self.window[0]})
+                record.update(step=self.step, lr=self.lr_scheduler.get_last_lr()[0],
+                              skipped=self.num_skipped, nonfinite_skipped=self.nonfinite_skipped)
+                self.window = []
+                self.on_record(record)
+                self.history.append(record)
+                bar.set_postfix({label: f"{record[key]:.4f}" for label, key in self.progress_keys if key in record})
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    self._log(record)
+                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                        and self.step < cfg.max_steps):
+                    self.save_checkpoint()
+                if cfg.validation.every and self.step % cfg.validation.every == 0:
+                    self.validate()
         finally:
+            batches.close()
             bar.close()
         acc.wait_for_everyone()
         unreadable = sorted(self.unreadable.items())
-        summary = {"steps": self.step, "skipped_samples": self.num_skipped,
+        summary = {"steps": self.step, "skipped_samples": self.num_skipped, "stopped": self.stop_reason,
                    "unreadable_pairs": len(unreadable),
                    "unreadable": [{"index": i, "reason": r} for i, r in unreadable[:100]],
                    "nonfinite_steps_skipped": self.nonfinite_skipped, "seconds": time.time() - start,
@@ -619,6 +637,10 @@ class PreferenceTrainer:
     # ----------------------------------------------------------- hooks for recipes that extend the loop
     def after_step(self):
         """Called after every optimizer step (e.g. SePPO adds a reference snapshot)."""
+
+    def on_record(self, record: dict):
+        """Called with each step's record (means over ranks, so equal on every process) before it is logged; a
+        recipe may add keys or end the run by setting ``self.stop_reason`` (the online monitor)."""
 
     def checkpoint_extras(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Extra tensors (saved in the safetensors file) and plain state a recipe needs on resume (here:
@@ -778,6 +800,8 @@ RECIPES: dict[str, str] = {
     "inpo": "diffalign.training.inpo:InversionTrainer",
     "seppo": "diffalign.training.semi_policy:SemiPolicyTrainer",
     "ppd": "diffalign.personalization.trainer:PersonalizedTrainer",
+    "grpo": "diffalign.training.online:GRPOTrainer",
+    "nft": "diffalign.training.online:NFTTrainer",
 }
 
 

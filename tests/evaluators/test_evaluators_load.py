@@ -22,7 +22,7 @@ EXPECTED_IDS = {
 
 
 def test_names():
-    assert ev.available() == ["pickscore", "hpsv2", "hpsv2.1", "imagereward", "clip", "aesthetic", "toy"]
+    assert ev.available() == ["pickscore", "hpsv2", "hpsv2.1", "imagereward", "clip", "aesthetic", "toy", "brightness"]
     with pytest.raises(ValueError, match="unknown scorer 'hps'"):
         load("hps")
 

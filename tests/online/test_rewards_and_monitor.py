@@ -8,6 +8,8 @@
   on noise within thresholds.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -265,6 +267,41 @@ def test_monitor_does_not_flag_when_both_rise_or_on_noise():
     # the held-out falls, but the reward is flat: not hacking
     m = HackingMonitor("reward", ["heldout"], window=5, patience=1, min_rise=0.2, min_fall=0.2)
     assert not any(v.flagged for v in _run(m, np.zeros(30), 10 - 0.1 * t[:30]))
+
+
+def test_monitor_stderr_units_ignore_noise_and_catch_a_shift():
+    """units="stderr": Δ / sqrt((var_now + var_ref) / window), worked by hand; noisy stationary held-out metrics
+    (which flag in absolute units with min_fall 0) stay quiet, a real fall of a few noise widths flags."""
+    m = HackingMonitor("reward", ["heldout"], window=2, patience=1, min_rise=0.0, min_fall=0.0, units="stderr",
+                       reference="start")
+    v = _run(m, [0.0, 2.0, 3.0, 5.0], [1.0, 1.0, 0.0, 0.0])[-1]
+    # reward: ref [0, 2] (mean 1, var 1), now [3, 5] (mean 4, var 1): Δ = 3 / sqrt((1 + 1) / 2) = 3
+    assert v.deltas["reward"] == pytest.approx(3.0)
+    assert v.deltas["heldout"] == pytest.approx(-1.0 / 1e-12, rel=1e-6)  # zero variance: eps only
+    rng = np.random.default_rng(1)
+    t = np.arange(80, dtype=float)
+    reward = 0.01 * t + rng.normal(0, 0.1, 80)
+    noisy = 0.6 + rng.normal(0, 0.08, 80)
+    loose = HackingMonitor("reward", ["heldout"], window=10, patience=3, reference="start")
+    strict = HackingMonitor("reward", ["heldout"], window=10, patience=3, min_rise=2, min_fall=2, units="stderr",
+                            reference="start")
+    assert any(v.flagged for v in _run(loose, reward, noisy))
+    assert not any(v.flagged for v in _run(strict, reward, noisy))
+    strict = HackingMonitor("reward", ["heldout"], window=10, patience=3, min_rise=2, min_fall=2, units="stderr",
+                            reference="start")
+    falling = noisy - 0.004 * t  # falls 0.32 over the run, 4 noise widths
+    assert any(v.flagged for v in _run(strict, reward, falling))
+
+
+def test_monitor_state_round_trip():
+    t = np.arange(25, dtype=float)
+    a = HackingMonitor("reward", ["heldout"], window=5, patience=2, min_rise=0.2, min_fall=0.2)
+    _run(a, 0.1 * t[:15], 10 - 0.1 * t[:15])
+    b = HackingMonitor("reward", ["heldout"], window=5, patience=2, min_rise=0.2, min_fall=0.2)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    rest_a, rest_b = _run(a, 0.1 * t[15:], 10 - 0.1 * t[15:]), _run(b, 0.1 * t[15:], 10 - 0.1 * t[15:])
+    assert [(v.flagged, v.reason, v.deltas) for v in rest_a] == [(v.flagged, v.reason, v.deltas) for v in rest_b]
+    assert a.state_dict() == b.state_dict() and a.history
 
 
 def test_monitor_patience_resets_and_missing_values():
