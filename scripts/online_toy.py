@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     todo = [(o, w, s, "toy") for o, w in RUNS for s in args.seeds]
     if args.hack_reward:
-        todo.insert(0, ("grpo", "sd", args.seeds[0], args.hack_reward))
+        todo.insert(0, ("nft", "sd", args.seeds[0], args.hack_reward))
     start = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda job: _run_one(out, *job, threads=1), todo))

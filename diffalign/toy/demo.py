@@ -89,7 +89,7 @@ def world_paths(world: str = "sd") -> tuple[Path, Path]:
 def online_config(out_dir: str | Path, seed: int = 0, world: str = "sd", objective: str = "grpo",
                   reward: str = "toy", held_out: str | None = None, **overrides) -> dict:
     """The online (GRPO / NFT) config the demo runs: the world's training prompts, ``reward`` as the training
-    reward, and what the monitor watches on the same rollouts: ``held_out`` scorers, by default the oracle's
+    reward, and what the monitor watches on the held-out prompts (a fixed evaluation set): ``held_out`` scorers, by default the oracle's
     caption fidelity alone (``toy`` with ``taste_weight`` 0: it falls if the policy trades the caption for the
     taste) when training on the oracle, else the whole oracle and the artefact statistics. On the toy images the
     artefact statistics move with the taste (bigger shapes), so the oracle runs log them without watching."""
@@ -105,8 +105,11 @@ def online_config(out_dir: str | Path, seed: int = 0, world: str = "sd", objecti
         "rollout": {"prompts": str(pairs / "train_prompts.txt"), "rewards": reward, "group_size": o["group_size"],
                     "num_inference_steps": o["num_inference_steps"], "guidance_scale": guidance,
                     "updates_per_rollout": o["updates_per_rollout"]},
-        "monitor": {"held_out": held_out, "window": 10, "patience": 3,
-                    "artefacts": "log" if reward == "toy" else "watch"},
+        # the fixed evaluation set: the held-out prompts, 2 images each, every 5 steps; thresholds in the
+        # metrics' units (rewards in [0, 2] and [0, 1], artefact statistics in [0, 1])
+        "monitor": {"held_out": held_out, "prompts": str(pairs / "heldout_prompts.txt"), "every": 5,
+                    "images_per_prompt": 2, "window": 3, "patience": 2, "units": "absolute", "min_rise": 0.01,
+                    "min_fall": 0.03, "artefacts": "log" if reward == "toy" else "watch"},
         "output_dir": str(out_dir),
         "max_steps": o["max_steps"],
         "batch_size": o["batch_size"],
@@ -279,22 +282,32 @@ def _plot_curves(history: list[dict], path: Path):
 
 
 def plot_online_curves(history: list[dict], path: Path, reward: str = "toy"):
-    """Left: the training reward per step; middle: the held-out scorers (``heldout/*``); right: the artefact
-    statistics (``artefact/*``), each divided by its mean over the first 10 steps; red marks: steps the monitor was
-    flagged."""
+    """Left: the training reward per step (and on the fixed evaluation set, ``eval/reward``); middle: the held-out
+    scorers; right: the artefact statistics, each divided by its first value: on the evaluation set when the run
+    has one (``eval/...``), else on the rollouts; red marks: steps the monitor was flagged."""
     plt = _pyplot()
     steps = [h["step"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(steps, [h.get("reward", float("nan")) for h in history], color="C0")
-    axes[0].set_title(f"training reward ({reward}), rollout mean")
-    for ax, prefix, title in ((axes[1], "heldout/", "held-out scorers on the same rollouts"),
-                              (axes[2], "artefact/", "artefact statistics / mean of steps 1-10")):
-        keys = sorted({k for h in history for k in h if k.startswith(prefix)})
+    axes[0].plot(steps, [h.get("reward", float("nan")) for h in history], color="C0", alpha=0.4,
+                 label="rollouts (prompts change every step)")
+    evaluated = [h for h in history if "eval/reward" in h]
+    if evaluated:
+        axes[0].plot([h["step"] for h in evaluated], [h["eval/reward"] for h in evaluated], "o-", color="C0",
+                     label="fixed evaluation set")
+        axes[0].legend(fontsize=7)
+    axes[0].set_title(f"training reward ({reward})")
+    where = "fixed evaluation set" if evaluated else "same rollouts"
+    rows = evaluated or history
+    for ax, prefix, title in ((axes[1], "heldout/", f"held-out scorers, {where}"),
+                              (axes[2], "artefact/", f"artefact statistics / first value, {where}")):
+        prefix = f"eval/{prefix}" if evaluated else prefix
+        keys = sorted({k for h in rows for k in h if k.startswith(prefix)})
         for i, key in enumerate(keys):
-            vals = np.array([h.get(key, np.nan) for h in history], dtype=float)
-            if prefix == "artefact/":
-                vals = vals / max(abs(np.nanmean(vals[:10])), 1e-12)
-            ax.plot(steps, vals, color=f"C{i + 1}", label=key[len(prefix):])
+            vals = np.array([h.get(key, np.nan) for h in rows], dtype=float)
+            if "artefact/" in prefix:
+                vals = vals / max(abs(vals[0]), 1e-12)
+            ax.plot([h["step"] for h in rows], vals, "o-" if evaluated else "-", color=f"C{i + 1}",
+                    label=key[len(prefix):])
         if keys:
             ax.legend(fontsize=7)
         ax.set_title(title)

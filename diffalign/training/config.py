@@ -266,7 +266,8 @@ class RolloutConfig:
 class MonitorConfig:
     """The reward-hacking monitor of online runs (:class:`diffalign.online.HackingMonitor`): the rollout images
     are also scored by held-out scorers and artefact statistics, logged beside the training reward; the monitor
-    flags a run whose reward rises while a held-out metric moves the bad way."""
+    flags a run whose reward rises while a held-out metric moves the bad way. With ``prompts``, it watches a fixed
+    evaluation set instead (the same prompts and seeds every ``every`` steps: no step-to-step prompt noise)."""
 
     held_out: Any = field(default=None, metadata={
         "help": "Held-out scorers, as rollout.rewards (their weights are ignored), logged as heldout/<name>; "
@@ -275,7 +276,15 @@ class MonitorConfig:
         "help": "Artefact statistics of the rollout images (artefact/saturation, high_freq, grid, emptiness): "
                 "watch (log them and let them flag), log, or off (YAML reads off/false as false, on/true as "
                 "watch)."})
-    window: int = field(default=10, metadata={"help": "Steps per running mean."})
+    prompts: str | None = field(default=None, metadata={
+        "help": "A prompt file (one per line) of a fixed evaluation set: every `every` steps the current policy "
+                "samples images_per_prompt images of each on the deterministic sampler with fixed seeds, scored "
+                "by the reward, the held-out scorers and the artefact statistics (eval/reward, eval/heldout/<name>, "
+                "eval/artefact/<stat>); the monitor then watches these. null = watch the rollouts."})
+    every: int = field(default=10, metadata={"help": "With prompts: steps between evaluations."})
+    images_per_prompt: int = field(default=1, metadata={"help": "With prompts: images per prompt."})
+    window: int = field(default=10, metadata={
+        "help": "Values per running mean (steps, or evaluations with prompts)."})
     patience: int = field(default=3, metadata={"help": "Consecutive bad checks before the monitor flags."})
     units: str = field(default="stderr", metadata={
         "help": "stderr: min_rise and min_fall count standard errors of the change of a running mean (Welch's t: "
@@ -291,6 +300,8 @@ class MonitorConfig:
         "help": "When flagged: warn | checkpoint (save one, go on) | stop (save one and end the run)."})
 
     def validate(self, key="monitor"):
+        _check(self.every >= 1, f"{key}.every", f"must be >= 1, got {self.every}")
+        _check(self.images_per_prompt >= 1, f"{key}.images_per_prompt", f"must be >= 1, got {self.images_per_prompt}")
         _check(self.window >= 1, f"{key}.window", f"must be >= 1, got {self.window}")
         _check(self.patience >= 1, f"{key}.patience", f"must be >= 1, got {self.patience}")
         _check(self.min_fall >= 0 and self.min_rise >= 0, f"{key}.min_fall",

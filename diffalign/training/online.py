@@ -22,7 +22,8 @@ deterministic sampler, and the loss is DiffusionNFT's on forward-noised copies o
 the old policy moves toward the trained one.
 
 The monitor (``monitor`` section): each step's record holds ``reward``, ``reward/<scorer>``,
-``heldout/<scorer>`` and ``artefact/<stat>`` (means over processes), and
+``heldout/<scorer>`` and ``artefact/<stat>`` (means over processes), with ``monitor.prompts`` also the same of a
+fixed evaluation set under ``eval/`` every ``monitor.every`` steps, and
 :class:`diffalign.online.HackingMonitor` flags a run whose reward rises while a held-out metric moves the bad way
 (``monitor/flagged``); ``monitor.action`` warns, checkpoints or stops.
 """
@@ -131,14 +132,16 @@ class GRPOTrainer(PreferenceTrainer):
         device = r.reward_device or str(acc.device)
         self.rewards = Rewards(r.rewards, device=device)
         self.held_out = Rewards(mon.held_out, device=device) if mon.held_out is not None else None
-        watched = [f"heldout/{n}" for n in (self.held_out.names if self.held_out else [])]
+        self.eval_prompts = PromptList(mon.prompts) if mon.prompts else None
+        prefix = "eval/" if self.eval_prompts else ""  # what the monitor watches: the eval set, or the rollouts
+        watched = [f"{prefix}heldout/{n}" for n in (self.held_out.names if self.held_out else [])]
         if mon.artefacts == "watch":
             from ..online import ARTEFACT_STATS
 
-            watched += [f"artefact/{s}" for s in ARTEFACT_STATS]
+            watched += [f"{prefix}artefact/{s}" for s in ARTEFACT_STATS]
         self.monitor = None
         if watched:
-            self.monitor = HackingMonitor("reward", watched, window=mon.window, patience=mon.patience,
+            self.monitor = HackingMonitor(f"{prefix}reward", watched, window=mon.window, patience=mon.patience,
                                           min_rise=mon.min_rise, min_fall=mon.min_fall, action=mon.action,
                                           reference=mon.reference, units=mon.units)
             if self._monitor_state is not None:
@@ -259,14 +262,45 @@ class GRPOTrainer(PreferenceTrainer):
     def score(self, samples: Rollout) -> None:
         """``samples.rewards`` and the record's ``reward``, ``reward/<scorer>``, ``heldout/<scorer>`` and
         ``artefact/<stat>`` (this process's means)."""
-        total, per_scorer = self.rewards(samples.images, samples.prompts)
-        samples.rewards = total
-        samples.record.update(self.rewards.record(total, per_scorer, "reward"))
+        samples.rewards, record = self._score(samples.images, samples.prompts)
+        samples.record.update(record)
+
+    def _score(self, images: torch.Tensor, prompts: list[str], prefix: str = "") -> tuple[torch.Tensor, dict]:
+        """The reward (N,) and the record of ``images``: reward, held-out and artefact means under ``prefix``."""
+        total, per_scorer = self.rewards(images, prompts)
+        record = self.rewards.record(total, per_scorer, f"{prefix}reward")
         if self.held_out is not None:
-            _, held = self.held_out(samples.images, samples.prompts)
-            samples.record.update({f"heldout/{k}": float(v.mean()) for k, v in held.items()})
+            _, held = self.held_out(images, prompts)
+            record.update({f"{prefix}heldout/{k}": float(v.mean()) for k, v in held.items()})
         if self.config.monitor.artefacts != "off":
-            samples.record.update(artefact_record(samples.images))
+            record.update(artefact_record(images, prefix=f"{prefix}artefact"))
+        return total, record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The fixed evaluation set of ``monitor.prompts``: ``monitor.images_per_prompt`` images per prompt from the
+        current policy on the deterministic sampler, the same initial noise at every evaluation (its own
+        generator: the run's random streams are untouched), scored like the rollouts under ``eval/``. Every
+        process computes the whole set (same weights, same noise: the same values)."""
+        cfg, c, acc = self.config, self.components, self.accelerator
+        r, mon = cfg.rollout, cfg.monitor
+        prompts = [p for p in self.eval_prompts.prompts for _ in range(mon.images_per_prompt)]
+        generator = torch.Generator().manual_seed(cfg.seed + 1)
+        size = r.sample_batch_size or len(prompts)
+        images = []
+        self.unet.eval()
+        try:
+            for start in range(0, len(prompts), size):
+                part = prompts[start:start + size]
+                cond, uncond = self.rollout_condition(part)
+                trajectory = rollout(self.policy, c.noise_scheduler, cond, uncond, self.latent_shape(len(part)),
+                                     num_inference_steps=r.num_inference_steps, guidance_scale=r.guidance_scale,
+                                     generator=generator, eta=r.eta, window=(0, 0), device=acc.device,
+                                     dtype=self.weight_dtype)
+                images.append(self.decode(trajectory.final))
+        finally:
+            self.unet.train()
+        return self._score(torch.cat(images), prompts, "eval/")[1]
 
     def advantages(self, samples: Rollout) -> None:
         """``samples.advantages``: :func:`~diffalign.online.group_advantages` over the rewards of every process
@@ -284,7 +318,7 @@ class GRPOTrainer(PreferenceTrainer):
             rewards = torch.tensor([x for e in everyone for x in e[2]], dtype=torch.float32)
         adv = group_advantages(rewards, prompts, per_prompt=r.per_prompt, global_std=r.global_std)
         samples.advantages = adv[offset:offset + len(samples.prompts)]
-        samples.record["tied_fraction"] = float((samples.advantages == 0).float().mean())
+        samples.record["zero_advantage_fraction"] = float((samples.advantages == 0).float().mean())
 
     def train_items(self, samples: Rollout) -> list[tuple[int, int]]:
         """The (chunk, step) pairs one pass trains on, chunk-major: GRPO trains every stochastic step."""
@@ -375,7 +409,10 @@ class GRPOTrainer(PreferenceTrainer):
 
     # ------------------------------------------------------------------------------------------ monitor
     def on_record(self, record: dict) -> None:
-        """Feed the monitor; when it flags: one line, and ``monitor.action`` (checkpoint, or checkpoint and stop)."""
+        """Evaluate the fixed set when due (step 1, then every ``monitor.every`` steps); feed the monitor; when it
+        flags: one line, and ``monitor.action`` (checkpoint, or checkpoint and stop)."""
+        if self.eval_prompts is not None and (self.step == 1 or self.step % self.config.monitor.every == 0):
+            record.update(self.evaluate())
         if self.monitor is None:
             return
         verdict = self.monitor.update(record)

@@ -15,12 +15,15 @@ step                        does                                                
 ``configure_model``         what trains (LoRA adapters or the whole U-Net)           PPD (adds the user branch)
 ``trainable_parameters``    the one list the optimizer, EMA and the log line use     PPD
 ``build_reference``         the frozen model of the log-ratio                        SePPO (snapshot pool), PPD
+``build_dataset``           ``self.dataset`` (pairs) and the latent cache             GRPO/NFT (a prompt list)
+``batches()``               the micro-batches from the resume point on               GRPO/NFT (prompt batches)
 ``inputs(batch)``           ``(x0_pairs (2B, ...), cond)``: latents and condition    SePPO (sampled losers)
 ``condition(batch)``        the 2B condition (prompt dropout, dual captions)         PPD (user tokens)
 ``noise(x0_pairs, cond)``   ``(t, ε)`` for the forward process                       InPO (DDIM inversion)
 ``errors(x0, cond, t, ε)``  policy and reference errors (:class:`PairErrors`)
 ``compute_loss(batch)``     the objective on one micro-batch                         PPD (adds a metric)
-``training_step(batch)``    loss, backward, clip, optimizer update                   (the bench times this)
+``training_step(batch)``    loss, backward, clip, optimizer update                   GRPO/NFT (sample, score,
+                                                                                     advantages, update)
 ``export``                  the trained weights in ``output_dir``                    PPD (the user branch)
 ==========================  ======================================================  ==============================
 """

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -56,7 +57,7 @@ def test_first_update_is_on_policy_and_the_second_is_not(tmp_path, world):
     for record in trainer.history:
         assert record["ratio/first_update_error"] <= 1e-5
         assert record["ratio_max"] - record["ratio_min"] > 1e-4  # mean over the items of both updates
-        assert record["reward"] > 0 and 0 <= record["tied_fraction"] < 1
+        assert record["reward"] > 0 and 0 <= record["zero_advantage_fraction"] < 1
         assert {"time/sample", "time/score", "time/train", "artefact/saturation", "monitor/flagged"} <= set(record)
 
 
@@ -81,7 +82,7 @@ def test_a_step_whose_groups_all_tie_leaves_the_weights_unchanged(tmp_path):
     trainer.rewards = Rewards("toy", scorers={"toy": _Constant()})
     before = {k: v.clone() for k, v in trainer.trainable_state().items()}
     trainer.train()
-    assert trainer.history[0]["tied_fraction"] == 1.0
+    assert trainer.history[0]["zero_advantage_fraction"] == 1.0
     after = trainer.trainable_state()
     assert all(torch.equal(before[k], after[k]) for k in before)
     # the same step with the oracle's rewards moves them
@@ -159,18 +160,70 @@ def _cli(*args):
 
 
 @pytest.mark.parametrize("override,message", [
-    (["objective.name=nft", "model.lora=null"], "config error: model.lora: DiffusionNFT"),
-    (["rollout.prompts=/nonexistent/prompts.txt"], "error: rollout.prompts: '/nonexistent/prompts.txt' is not"),
-    (["gradient_accumulation_steps=2"], "config error: gradient_accumulation_steps: online objectives"),
-    (["rollout.group_size=1"], "config error: rollout.group_size: must be >= 2"),
-    (["rollout.rewards=pickscor"], "config error: rollout.rewards:"),
+    (["gradient_accumulation_steps=2"], "gradient_accumulation_steps: online objectives"),
+    (["rollout.group_size=1"], "rollout.group_size: must be >= 2"),
+    (["rollout.rewards=pickscor"], "rollout.rewards:"),
+    (["rollout.prompts=null"], "rollout.prompts: is required for objective grpo"),
+    (["monitor.action=halt"], "monitor.action: must be warn, checkpoint or stop"),
 ])
-def test_bad_online_configs_stop_with_one_line(tmp_path, override, message):
+def test_bad_online_configs_are_one_line_config_errors(tmp_path, override, message):
+    from diffalign.training.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        _config(tmp_path, overrides=override)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_online_setup_errors_stop_the_cli_with_one_line(tmp_path):
+    """Before any model loads: NFT without LoRA, a missing prompts file."""
     import yaml
 
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(online_config(tmp_path / "run", 0, "sd", "grpo", **SMALL)))
-    out = _cli("train", str(path), *override)
-    assert out.returncode == 2, out.stderr[-2000:]
-    lines = [ln for ln in out.stderr.strip().splitlines() if ln.startswith("diffalign")]
-    assert len(lines) == 1 and lines[0].startswith(f"diffalign: {message}"), out.stderr[-2000:]
+    for override, message in ((["objective.name=nft", "model.lora=null"], "config error: model.lora: DiffusionNFT"),
+                              (["rollout.prompts=/nonexistent/prompts.txt"],
+                               "error: rollout.prompts: '/nonexistent/prompts.txt' is not a file")):
+        out = _cli("train", str(path), *override)
+        lines = [ln for ln in out.stderr.strip().splitlines() if ln.startswith("diffalign")]
+        assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+        assert lines[0].startswith(f"diffalign: {message}"), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family,objective", [("sdxl", "grpo"), ("flux", "grpo"), ("sdxl", "nft")])
+def test_sdxl_and_flux_train_online(tmp_path, family, objective):
+    """SDXL (time ids, two text encoders) and FLUX (no CFG: the guidance input; packed tokens) on tiny random
+    components: a step runs, the first GRPO update is on-policy, the LoRA moves."""
+    from fixtures.tiny_flow import tiny_flow_components
+    from fixtures.tiny_models import tiny_components
+
+    components = tiny_flow_components(family) if family == "flux" else tiny_components(family)
+    raw = online_config(tmp_path / "run", 0, "sd", objective, max_steps=1, batch_size=1, group_size=2,
+                        num_inference_steps=3)
+    raw["model"]["pretrained"] = "tiny"
+    raw["rollout"]["rewards"], raw["monitor"]["held_out"] = "brightness", None
+    raw["dataset"]["resolution"] = components.native_resolution
+    cfg = parse_config(raw)
+    trainer = trainer_class(cfg)(cfg, components).setup(overwrite=True)
+    before = {k: v.clone() for k, v in trainer.trainable_state().items()}
+    trainer.train()
+    record = trainer.history[0]
+    assert np.isfinite(record["loss"]) and record.get("ratio/first_update_error", 0.0) <= 1e-5
+    assert any(not torch.equal(before[k], v) for k, v in trainer.trainable_state().items())
+
+
+def test_fixed_evaluation_set_is_repeatable_and_leaves_training_alone(tmp_path):
+    """monitor.prompts: the same images at every evaluation of the same weights (fixed noise), eval/ keys on the
+    due steps, the monitor watching them, and the trained LoRA identical to a run without evaluations."""
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("a red circle on a blue background\n# a comment\n\na green square on a white background\n")
+    common = ["monitor.held_out=brightness", "monitor.artefacts=watch"]
+    with_eval = _config(tmp_path, "sd", name="eval", max_steps=3,
+                        overrides=[*common, f"monitor.prompts={prompts}", "monitor.every=2"])
+    trainer = _train(with_eval)
+    assert trainer.monitor.train_metric == "eval/reward" and "eval/heldout/brightness" in trainer.monitor.directions
+    assert [h["step"] for h in trainer.history if "eval/reward" in h] == [1, 2]
+    first, again = trainer.evaluate(), trainer.evaluate()
+    assert first == again and set(first) >= {"eval/reward", "eval/heldout/brightness", "eval/artefact/grid"}
+    plain = _train(_config(tmp_path, "sd", name="plain", max_steps=3, overrides=common))
+    a, b = trainer.trainable_state(), plain.trainable_state()
+    assert all(torch.equal(a[k], b[k]) for k in a)

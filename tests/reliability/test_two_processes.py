@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -120,3 +121,64 @@ def test_logged_values_are_means_over_ranks(tmp_path):
     assert sorted(ln["rank"] for ln in lines) == [0, 1]
     for ln in lines:
         assert ln["logged"] == {"loss": 2.0, "rewards/accuracies": 0.125, "a": -0.5}
+
+
+ADVANTAGES_OVER_RANKS = """
+import json, sys, types
+import torch
+from accelerate import Accelerator
+from diffalign.training.online import GRPOTrainer, Rollout
+from diffalign.training.config import RolloutConfig
+
+class Run:  # what GRPOTrainer.advantages reads of a trainer
+    accelerator = Accelerator()
+    config = types.SimpleNamespace(rollout=RolloutConfig(prompts="unused"))
+
+rank = Run.accelerator.process_index
+prompts = [["a", "a", "b", "b"], ["c", "c", "a", "a"]][rank]  # prompt "a" is sampled on both ranks
+rewards = torch.tensor([[1.0, 2.0, 0.0, 4.0], [3.0, 3.0, 5.0, 0.0]][rank])
+samples = Rollout([], prompts, torch.zeros(4, 3, 2, 2), rewards=rewards)
+GRPOTrainer.advantages(Run(), samples)
+with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
+    json.dump({"rank": rank, "advantages": samples.advantages.tolist(), "tied": samples.record["zero_advantage_fraction"]}, f)
+Run.accelerator.wait_for_everyone()
+Run.accelerator.end_training()
+"""
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
+def test_grpo_advantages_are_normalised_over_the_ranks(tmp_path):
+    """Each rank gets its rows of group_advantages over both ranks' rewards, grouped by prompt text across ranks
+    (flow_grpo's stat tracker) and divided by the std of all 8 rewards."""
+    from diffalign.online import group_advantages
+
+    script = tmp_path / "advantages.py"
+    script.write_text(ADVANTAGES_OVER_RANKS)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script),
+                          str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = {d["rank"]: d for d in (json.loads(p.read_text()) for p in tmp_path.glob("rank*.json"))}
+    every = group_advantages(torch.tensor([1.0, 2.0, 0.0, 4.0, 3.0, 3.0, 5.0, 0.0]), list("aabbccaa"))
+    assert got[0]["advantages"] == pytest.approx(every[:4].tolist(), abs=1e-6)
+    assert got[1]["advantages"] == pytest.approx(every[4:].tolist(), abs=1e-6)
+    # group "a" spans both ranks: mean (1 + 2 + 5 + 0) / 4 = 2; std of all eight rewards 1.7854
+    assert got[0]["advantages"][0] == pytest.approx((1.0 - 2.0) / (np.std([1, 2, 0, 4, 3, 3, 5, 0]) + 1e-4), abs=1e-5)
+    # A = 0 (left out of the loss): reward 2 sits on group a's mean; group c ties (3, 3)
+    assert got[0]["tied"] == 0.25 and got[1]["tied"] == 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
+def test_two_process_grpo_run(tmp_path):
+    from diffalign.toy.demo import online_config
+
+    cfg = tmp_path / "grpo.yaml"
+    raw = online_config(tmp_path / "run", 0, "sd", "grpo", max_steps=2, batch_size=1, group_size=2,
+                        num_inference_steps=3)
+    cfg.write_text(yaml.safe_dump(raw))
+    log = _launch(cfg)
+    assert "2 processes" in log and log.count("diffalign: done") == 1
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["ratio/first_update_error"] <= 1e-5 for r in records)
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
