@@ -56,6 +56,9 @@ T_DCPO = "tests/core/test_dcpo.py"
 T_INPO = "tests/core/test_inpo.py"
 T_NOISE = "tests/core/test_noise_sharing.py"
 T_FLOW = "tests/core/test_flow_likelihood.py"
+GRPO = "diffalign/online/grpo.py"
+T_GRPO = "tests/online/test_logprob_and_grpo.py::"
+T_GRPO_LOSS = T_GRPO + "test_grpo_loss_values_and_gradients_equal_official"
 T_PPD = ("tests/personalization/test_objective.py", "tests/personalization/test_attention.py",
          "tests/personalization/test_trainer.py::test_branch_only_run",
          "tests/personalization/test_trainer.py::test_lora_and_branch_train_and_dropout")
@@ -235,6 +238,28 @@ MUTATIONS: list[Mutation] = [
     m("ot-reward-sign", "diffalign/robot/ot.py", "return -(plan * c).sum(dim=-1)",
       "return (plan * c).sum(dim=-1)", ["tests/robot/test_robot_sinkhorn.py"],
       "OT reward = +transport cost instead of −"),
+    # ---------------------------------------------------------------- online RL (GRPO, DiffusionNFT)
+    m("grpo-ratio-inverted", GRPO, "log_ratio = log_prob - old_log_prob.detach()",
+      "log_ratio = old_log_prob.detach() - log_prob",
+      [T_GRPO_LOSS], "GRPO importance ratio p_old / p_θ"),
+    m("grpo-min-not-max", GRPO, "per_sample = torch.maximum(unclipped, clipped)",
+      "per_sample = torch.minimum(unclipped, clipped)", [T_GRPO_LOSS],
+      "PPO's pessimistic bound taken the wrong way (min of the negated surrogates)"),
+    m("grpo-kl-no-half", GRPO, "return per / (2 * s**2)", "return per / s**2",
+      [T_GRPO + "test_grpo_loss_with_kl_equals_official"],
+      "Flow-GRPO's KL without the 1/2 of the Gaussian"),
+    m("advantage-not-centred", GRPO, "centred = r - mean[idx]", "centred = r",
+      [T_GRPO + "test_group_advantages_equal_the_stat_tracker"],
+      "GRPO advantages not centred on the prompt's mean"),
+    m("sde-std-squared", "diffalign/online/logprob.py",
+      "std_dev_t = noise_level * torch.sqrt(s / (1 - s_denominator))",
+      "std_dev_t = noise_level * (s / (1 - s_denominator))",
+      [T_GRPO + "test_flow_sde_step_equals_official_on_a_given_prev_sample"],
+      "Flow-GRPO noise scale a·σ/(1−σ) instead of a·sqrt(σ/(1−σ))"),
+    m("nft-negative-sign", GRPO, "v_neg = (1 + beta) * v_old - beta * v",
+      "v_neg = (1 + beta) * v_old + beta * v",
+      [T_GRPO + "test_nft_loss_values_and_gradients_equal_official"],
+      "DiffusionNFT's implicit negative policy v⁻ sign"),
 ]
 
 

@@ -86,25 +86,30 @@ def _plot(results: list[dict], path: Path):
     axes[0].set_title("training reward (toy oracle), rollout mean,\n10-step average; band: min-max over seeds",
                       fontsize=9)
     axes[0].legend(fontsize=7)
-    for r in hacked:
-        steps = [h["step"] for h in r["history"]]
-        axes[1].plot(steps, [h["reward"] for h in r["history"]], color="C0", label=f"training: {r['reward']}")
-        axes[1].plot(steps, [h.get("heldout/toy", np.nan) for h in r["history"]], color="C3",
-                     label="held-out: toy oracle")
-        for key in sorted(k for k in r["history"][0] if k.startswith("artefact/")):
-            vals = np.array([h[key] for h in r["history"]])
-            axes[2].plot(steps, vals / max(abs(vals[:10].mean()), 1e-12), label=key)
+    for r in hacked:  # the monitor's view: the fixed evaluation set (the held-out prompts, same seeds)
+        rows = [h for h in r["history"] if "eval/reward" in h]
+        steps = [h["step"] for h in rows]
+        ax = axes[1]
+        ax.plot(steps, [h["eval/reward"] for h in rows], "o-", color="C0", label=f"training reward: {r['reward']}")
+        ax.set_ylabel(r["reward"], color="C0")
+        twin = ax.twinx()
+        twin.plot(steps, [h["eval/heldout/toy"] for h in rows], "s-", color="C3", label="held-out: toy oracle")
+        twin.set_ylabel("toy oracle (held out)", color="C3")
+        for key in sorted(k for k in rows[0] if k.startswith("eval/artefact/")):
+            vals = np.array([h[key] for h in rows])
+            axes[2].plot(steps, vals / max(abs(vals[0]), 1e-12), "o-", label=key[len("eval/artefact/"):])
         flagged = [h["step"] for h in r["history"] if h.get("monitor/flagged")]
-        for ax in axes[1:]:
+        for a in axes[1:]:
             if flagged:
-                ax.axvspan(flagged[0], steps[-1], color="red", alpha=0.08,
-                           label="monitor flagged" if ax is axes[1] else None)
-        axes[1].set_title(f"{r['objective']} / {r['world']} against {r['reward']}: rollout means", fontsize=9)
-        axes[2].set_title("same run: artefact statistics / mean of steps 1-10", fontsize=9)
+                a.axvspan(flagged[0], steps[-1], color="red", alpha=0.08)
+        ax.set_title(f"{r['objective']} / {r['world']} against {r['reward']}, evaluation set\n"
+                     f"red: monitor flagged (from step {flagged[0] if flagged else '-'})", fontsize=9)
+        axes[2].set_title("same run: artefact statistics / first value", fontsize=9)
+        twin.legend(fontsize=7, loc="lower left")
         break
     for ax in axes:
         ax.set_xlabel("step")
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper left")
     axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

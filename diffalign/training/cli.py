@@ -6,7 +6,9 @@ import argparse
 import sys
 
 from ..data import DatasetFormatError
+from ..evaluators import WeightsNotFoundError
 from ..models import ModelNotFoundError
+from ..online import RewardServerError
 from .config import ConfigError, load_config
 
 EPILOG = """examples:
@@ -16,7 +18,8 @@ EPILOG = """examples:
   accelerate launch -m diffalign.cli train configs/sdxl_dpo.yaml   # many GPUs
 """
 
-USER_ERRORS = (ConfigError, ModelNotFoundError, DatasetFormatError, ImportError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ModelNotFoundError, DatasetFormatError, ImportError, FileNotFoundError,
+               WeightsNotFoundError)
 USAGE = "usage: diffalign train CONFIG.yaml [key=value ...] [--resume | --overwrite]"
 
 
@@ -50,7 +53,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         summary = trainer.train()
-    except (NonFiniteError, UnreadableDataError) as err:
+    except (NonFiniteError, UnreadableDataError, RewardServerError) as err:
         print(f"diffalign: error: {err}", file=sys.stderr)
         return 1
     main_process = trainer.accelerator.is_main_process

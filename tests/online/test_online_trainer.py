@@ -175,14 +175,17 @@ def test_bad_online_configs_are_one_line_config_errors(tmp_path, override, messa
 
 
 def test_online_setup_errors_stop_the_cli_with_one_line(tmp_path):
-    """Before any model loads: NFT without LoRA, a missing prompts file."""
+    """NFT without LoRA and a missing prompts file (before any model loads); reward weights that are not on the
+    machine (offline)."""
     import yaml
 
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(online_config(tmp_path / "run", 0, "sd", "grpo", **SMALL)))
     for override, message in ((["objective.name=nft", "model.lora=null"], "config error: model.lora: DiffusionNFT"),
                               (["rollout.prompts=/nonexistent/prompts.txt"],
-                               "error: rollout.prompts: '/nonexistent/prompts.txt' is not a file")):
+                               "error: rollout.prompts: '/nonexistent/prompts.txt' is not a file"),
+                              (["rollout.rewards=imagereward"], "error: "),  # offline, no local weights
+                              ):
         out = _cli("train", str(path), *override)
         lines = [ln for ln in out.stderr.strip().splitlines() if ln.startswith("diffalign")]
         assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
