@@ -86,6 +86,20 @@ def world_paths(world: str = "sd") -> tuple[Path, Path]:
     return (toy_model_path(), toy_pairs_path()) if world == "sd" else (toy_flow_path(), toy_flow_pairs_path())
 
 
+def _run_settings(out_dir: str | Path, seed: int, o: dict) -> dict:
+    """The keys every demo run shares: output, budget, seed, logging every step, no checkpoints, constant lr."""
+    return {
+        "output_dir": str(out_dir),
+        "max_steps": o["max_steps"],
+        "batch_size": o["batch_size"],
+        "seed": seed,
+        "log_every": 1,
+        "checkpoint_every": None,
+        "report_to": None,
+        "optimizer": {"learning_rate": o["learning_rate"], "lr_scheduler": "constant", "weight_decay": 0.0},
+    }
+
+
 def online_config(out_dir: str | Path, seed: int = 0, world: str = "sd", objective: str = "grpo",
                   reward: str = "toy", held_out: str | None = None, **overrides) -> dict:
     """The online (GRPO / NFT) config the demo runs: the world's training prompts, ``reward`` as the training
@@ -110,14 +124,7 @@ def online_config(out_dir: str | Path, seed: int = 0, world: str = "sd", objecti
         "monitor": {"held_out": held_out, "prompts": str(pairs / "heldout_prompts.txt"), "every": 5,
                     "images_per_prompt": 2, "window": 3, "patience": 2, "units": "absolute", "min_rise": 0.01,
                     "min_fall": 0.03, "artefacts": "log" if reward == "toy" else "watch"},
-        "output_dir": str(out_dir),
-        "max_steps": o["max_steps"],
-        "batch_size": o["batch_size"],
-        "seed": seed,
-        "log_every": 1,
-        "checkpoint_every": None,
-        "report_to": None,
-        "optimizer": {"learning_rate": o["learning_rate"], "lr_scheduler": "constant", "weight_decay": 0.0},
+        **_run_settings(out_dir, seed, o),
     }
 
 
@@ -130,14 +137,7 @@ def demo_config(out_dir: str | Path, seed: int = 0, world: str = "sd", **overrid
                   "lora": {"rank": o["rank"], "alpha": o["rank"], "target_modules": o["target_modules"]}},
         "dataset": {"source": str(pairs), "resolution": 32, "random_flip": False},
         "objective": o.get("objective") or {"name": "dpo", "beta": o["beta"]},
-        "output_dir": str(out_dir),
-        "max_steps": o["max_steps"],
-        "batch_size": o["batch_size"],
-        "seed": seed,
-        "log_every": 1,
-        "checkpoint_every": None,
-        "report_to": None,
-        "optimizer": {"learning_rate": o["learning_rate"], "lr_scheduler": "constant", "weight_decay": 0.0},
+        **_run_settings(out_dir, seed, o),
     }
 
 
