@@ -126,6 +126,7 @@ class GRPOTrainer(PreferenceTrainer):
         self.updates = 0  # optimizer updates so far (several per step with rollout.updates_per_rollout)
         self._monitor_state = None
         self._ratio_warned = False
+        self._empty_text: dict[str, torch.Tensor] | None = None
         super().setup(resume=resume, overwrite=overwrite)
         cfg, acc = self.config, self.accelerator
         r, mon = cfg.rollout, cfg.monitor
@@ -183,17 +184,23 @@ class GRPOTrainer(PreferenceTrainer):
     # ------------------------------------------------------------------------------------------- the step
     def training_step(self, batch: dict):
         """Sample, score, advantages, update (the module docstring); the step's record joins ``self.window``."""
-        t0 = time.perf_counter()
+        t0 = self._clock()
         samples = self.sample(batch["prompts"])
-        t1 = time.perf_counter()
+        t1 = self._clock()
         self.score(samples)
-        t2 = time.perf_counter()
+        t2 = self._clock()
         self.advantages(samples)
         metrics = self.update(samples)
-        t3 = time.perf_counter()
+        t3 = self._clock()
         samples.record.update({"time/sample": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2})
         self.window.append({**samples.record, **metrics})
         return samples
+
+    def _clock(self) -> float:
+        """Seconds, after the accelerator's queued work is done (so each phase's time is its own)."""
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize(self.accelerator.device)
+        return time.perf_counter()
 
     def rollout_condition(self, prompts: list[str]) -> tuple[UNetCondition, UNetCondition | None]:
         """``(cond, uncond)`` for ``prompts`` (N rows each); ``uncond`` None without CFG (``guidance_scale`` 1,
@@ -204,10 +211,23 @@ class GRPOTrainer(PreferenceTrainer):
         if c.is_sdxl:
             res = self.config.dataset.resolution
             time_ids = sdxl_time_ids(torch.full((n, 2), float(res)), torch.zeros(n, 2), (res, res))
-        cond = build_condition(self.encode_text(list(prompts)), time_ids)
+        cond = build_condition(self._encode_rows(list(prompts)), time_ids)
         if r.guidance_scale == 1 or c.family == "flux":
             return cond, None
-        return cond, build_condition(self.encode_text([""] * n), time_ids)
+        return cond, build_condition(self._encode_rows([""] * n), time_ids)
+
+    def _encode_rows(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Text features of each row, each distinct prompt encoded once (a group repeats its prompt G times); the
+        empty prompt of CFG is encoded once per run."""
+        distinct = list(dict.fromkeys(prompts))
+        if distinct == [""]:
+            if self._empty_text is None:
+                self._empty_text = self.encode_text([""])
+            feats = self._empty_text
+        else:
+            feats = self.encode_text(distinct)
+        index = torch.tensor([distinct.index(p) for p in prompts])
+        return {k: v[index.to(v.device)] for k, v in feats.items()}
 
     def latent_shape(self, n: int) -> tuple[int, int, int, int]:
         """(n, C, h, w) of the VAE latents at ``dataset.resolution``."""
@@ -412,7 +432,9 @@ class GRPOTrainer(PreferenceTrainer):
         """Evaluate the fixed set when due (step 1, then every ``monitor.every`` steps); feed the monitor; when it
         flags: one line, and ``monitor.action`` (checkpoint, or checkpoint and stop)."""
         if self.eval_prompts is not None and (self.step == 1 or self.step % self.config.monitor.every == 0):
+            start = self._clock()
             record.update(self.evaluate())
+            record["time/eval"] = self._clock() - start
         if self.monitor is None:
             return
         verdict = self.monitor.update(record)
