@@ -42,7 +42,6 @@ from .monitor import (
     high_frequency_energy,
     saturation,
 )
-from .reward_server import RemoteScorer, RewardServer, RewardServerError
 from .rewards import Rewards, RewardSpec, RewardTerm, to_pil_images
 from .rollout import Trajectory, rescore, rollout
 
@@ -82,3 +81,12 @@ __all__ = [
     "to_pil_images",
     "train_step_indices",
 ]
+
+
+def __getattr__(name: str):
+    # lazy: ``python -m diffalign.online.reward_server`` must not find the module imported by this package first
+    if name in ("RemoteScorer", "RewardServer", "RewardServerError"):
+        from . import reward_server
+
+        return getattr(reward_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -157,6 +157,7 @@ class PreferenceTrainer:
         self.history: list[dict] = []
         self.window: list[dict] = []  # metrics of the micro-batches of the accumulation window under way
         self.bad_window = False  # a non-finite loss or gradient in the window: its update is skipped
+        self.stop_reason: str | None = None  # set by a recipe to end the run early (the online monitor's stop)
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume: bool = False, overwrite: bool = False) -> PreferenceTrainer:
