@@ -51,6 +51,7 @@ import http.client
 import io
 import json
 import logging
+import signal
 import socket
 import threading
 import time
@@ -544,6 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as exc:  # RuntimeError: WeightsNotFoundError
         print(f"error: {_one_line(exc)}", flush=True)
         return 2
+    # Ctrl-C and `kill` stop it cleanly even when the launcher left SIGINT ignored (a background job of a
+    # non-interactive shell, or a parent that ignores it: the child inherits the disposition)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"reward server: {args.metric} on {device} at {server.url} (bound to {args.host}:{server.port}); "
           "Ctrl-C stops it", flush=True)
     try:

@@ -187,8 +187,11 @@ def test_command_line_serves_until_interrupted(toy_batch):
     import sys
 
     images, captions = toy_batch
+    # launched with SIGINT ignored, as a background job of a script is (and as a pytest run may leave it): the
+    # server still stops on Ctrl-C
     proc = subprocess.Popen([sys.executable, "-m", "diffalign.online.reward_server", "--metric", "toy",
-                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         line = proc.stdout.readline()
         assert line.startswith("reward server: toy on cpu at http://127.0.0.1:"), line
