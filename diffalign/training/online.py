@@ -248,27 +248,32 @@ class GRPOTrainer(PreferenceTrainer):
 
     def sample(self, prompts: list[str]) -> Rollout:
         """Roll out G images per prompt in micro-batches of ``rollout.sample_batch_size`` and decode them."""
-        cfg, c, acc = self.config, self.components, self.accelerator
-        r = cfg.rollout
-        repeated = [p for p in prompts for _ in range(r.group_size)]
-        size = r.sample_batch_size or len(repeated)
-        window = self.sampler_window(r.num_inference_steps)
+        repeated = [p for p in prompts for _ in range(self.config.rollout.group_size)]
+        window = self.sampler_window(self.config.rollout.num_inference_steps)
+        chunks = self._roll_out(self.sampler(), repeated, window, self.generator)
+        images = torch.cat([self.decode(ch.trajectory.final) for ch in chunks])
+        return Rollout(chunks, repeated, images)
+
+    def _roll_out(self, denoiser, prompts: list[str], window: tuple[int, int], generator) -> list[RolloutChunk]:
+        """``prompts`` (one image each) rolled out by ``denoiser`` with the ``rollout`` settings, in micro-batches of
+        ``rollout.sample_batch_size``; the network is in eval mode meanwhile."""
+        c, r, acc = self.components, self.config.rollout, self.accelerator
+        size = r.sample_batch_size or len(prompts)
         chunks = []
         self.unet.eval()
         try:
-            for start in range(0, len(repeated), size):
-                part = repeated[start:start + size]
+            for start in range(0, len(prompts), size):
+                part = prompts[start:start + size]
                 cond, uncond = self.rollout_condition(part)
                 trajectory = rollout(
-                    self.sampler(), c.noise_scheduler, cond, uncond, self.latent_shape(len(part)),
+                    denoiser, c.noise_scheduler, cond, uncond, self.latent_shape(len(part)),
                     num_inference_steps=r.num_inference_steps, guidance_scale=r.guidance_scale,
-                    generator=self.generator, noise_level=r.noise_level, eta=r.eta, sde_type=r.sde_type,
+                    generator=generator, noise_level=r.noise_level, eta=r.eta, sde_type=r.sde_type,
                     window=window, device=acc.device, dtype=self.weight_dtype)
                 chunks.append(RolloutChunk(trajectory, cond, uncond, part))
         finally:
             self.unet.train()
-        images = torch.cat([self.decode(ch.trajectory.final) for ch in chunks])
-        return Rollout(chunks, repeated, images)
+        return chunks
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -302,24 +307,10 @@ class GRPOTrainer(PreferenceTrainer):
         current policy on the deterministic sampler, the same initial noise at every evaluation (its own
         generator: the run's random streams are untouched), scored like the rollouts under ``eval/``. Every
         process computes the whole set (same weights, same noise: the same values)."""
-        cfg, c, acc = self.config, self.components, self.accelerator
-        r, mon = cfg.rollout, cfg.monitor
-        prompts = [p for p in self.eval_prompts.prompts for _ in range(mon.images_per_prompt)]
-        generator = torch.Generator().manual_seed(cfg.seed + 1)
-        size = r.sample_batch_size or len(prompts)
-        images = []
-        self.unet.eval()
-        try:
-            for start in range(0, len(prompts), size):
-                part = prompts[start:start + size]
-                cond, uncond = self.rollout_condition(part)
-                trajectory = rollout(self.policy, c.noise_scheduler, cond, uncond, self.latent_shape(len(part)),
-                                     num_inference_steps=r.num_inference_steps, guidance_scale=r.guidance_scale,
-                                     generator=generator, eta=r.eta, window=(0, 0), device=acc.device,
-                                     dtype=self.weight_dtype)
-                images.append(self.decode(trajectory.final))
-        finally:
-            self.unet.train()
+        cfg = self.config
+        prompts = [p for p in self.eval_prompts.prompts for _ in range(cfg.monitor.images_per_prompt)]
+        chunks = self._roll_out(self.policy, prompts, (0, 0), torch.Generator().manual_seed(cfg.seed + 1))
+        images = [self.decode(ch.trajectory.final) for ch in chunks]
         return self._score(torch.cat(images), prompts, "eval/")[1]
 
     def advantages(self, samples: Rollout) -> None:
