@@ -89,6 +89,16 @@ def test_two_process_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_pat
     assert ranks[0]["position"] == ranks[1]["position"]
 
 
+def _run_on_two_ranks(code: str, tmp_path):
+    """Run ``code`` as a script on two gloo ranks (``sys.argv[1]`` = ``tmp_path``, where it writes its results)."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(code)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script),
+                          str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 MEAN_OVER_RANKS = """
 import json, sys
 from accelerate import Accelerator
@@ -111,12 +121,7 @@ Run.accelerator.end_training()  # tear the gloo group down before exit (a rank l
 def test_logged_values_are_means_over_ranks(tmp_path):
     """Rank r logs loss 1 + 2r, accuracy r/4, a = -r: both ranks log the means (2.0, 0.125, -0.5) under the same
     keys."""
-    script = tmp_path / "mean_over_ranks.py"
-    script.write_text(MEAN_OVER_RANKS)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script),
-                          str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    _run_on_two_ranks(MEAN_OVER_RANKS, tmp_path)
     lines = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(ln["rank"] for ln in lines) == [0, 1]
     for ln in lines:
@@ -152,12 +157,7 @@ def test_grpo_advantages_are_normalised_over_the_ranks(tmp_path):
     (flow_grpo's stat tracker) and divided by the std of all 8 rewards."""
     from diffalign.online import group_advantages
 
-    script = tmp_path / "advantages.py"
-    script.write_text(ADVANTAGES_OVER_RANKS)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script),
-                          str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    _run_on_two_ranks(ADVANTAGES_OVER_RANKS, tmp_path)
     got = {d["rank"]: d for d in (json.loads(p.read_text()) for p in tmp_path.glob("rank*.json"))}
     every = group_advantages(torch.tensor([1.0, 2.0, 0.0, 4.0, 3.0, 3.0, 5.0, 0.0]), list("aabbccaa"))
     assert got[0]["advantages"] == pytest.approx(every[:4].tolist(), abs=1e-6)
