@@ -289,6 +289,8 @@ class PreferenceTrainer:
                               family=c.family, resolution=d.resolution, center_crop=d.center_crop,
                               dataset=str(d.source), split=d.split, keep_ties=d.keep_ties,
                               max_samples=d.max_samples)
+            if d.cache_flips == "mirror":  # its entries differ from encoded ones (older caches hold encoded ones)
+                key_fields["flip_entries"] = "mirror"
             self.cache = EmbeddingCache(d.cache_dir, cache_key(**key_fields), meta=key_fields)
             self.dataset.latent_cache = self.cache
             if d.precompute_text:
@@ -386,18 +388,9 @@ class PreferenceTrainer:
         if batch.get("pixel_rows"):
             pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(
                 acc.device, torch.float32)  # (2P, 3, R, R)
-            with torch.no_grad():
-                dist = c.vae.encode(pixels).latent_dist
-            p = len(batch["pixel_rows"])
-            m_new = torch.stack([dist.mean[:p], dist.mean[p:]], dim=1)  # (P, 2, C, h, w)
-            s_new = torch.stack([dist.std[:p], dist.std[p:]], dim=1)
+            m_new, s_new = self._posterior(pixels)  # (P, 2, C, h, w)
             if self.cache is not None:
-                for j, row in enumerate(batch["pixel_rows"]):
-                    self.cache.put_latents(
-                        int(batch["indices"][row]), bool(batch["flips"][row]), m_new[j], s_new[j],
-                        original_size=batch["original_sizes"][row],
-                        crop_top_left=batch["crops_top_left"][row],
-                    )
+                self._cache_posteriors(batch, pixels, m_new, s_new)
             mean = torch.empty((b, *m_new.shape[1:]), device=acc.device)
             std = torch.empty_like(mean)
             mean[batch["pixel_rows"]], std[batch["pixel_rows"]] = m_new, s_new
@@ -411,6 +404,30 @@ class PreferenceTrainer:
         xi = torch.randn(mean.shape, generator=self.generator).to(acc.device)
         z = scale_latents(c.vae, mean + std * xi)  # (B, 2, C, h, w): (x − shift) · scale
         return torch.cat([z[:, 0], z[:, 1]]).to(self.weight_dtype)  # (2B, C, h, w): winners then losers
+
+    def _posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE posterior ``(μ, σ)`` of ``[winners; losers]`` pixels (2P, 3, R, R), each (P, 2, C, h, w)."""
+        with torch.no_grad():
+            dist = self.components.vae.encode(pixels).latent_dist
+        p = len(pixels) // 2
+        return (torch.stack([dist.mean[:p], dist.mean[p:]], dim=1),
+                torch.stack([dist.std[:p], dist.std[p:]], dim=1))
+
+    def _cache_posteriors(self, batch: dict, pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store the freshly encoded pairs under their (index, flip) and, with ``random_flip``, under the other
+        flip too (``dataset.cache_flips``: the VAE posterior of the mirrored pixels, or this one mirrored), so
+        every later epoch hits whichever flip it draws."""
+        d = self.config.dataset
+        others = None
+        if d.random_flip:
+            others = (self._posterior(pixels.flip(-1)) if d.cache_flips == "encode"
+                      else (mean.flip(-1), std.flip(-1)))
+        for j, row in enumerate(batch["pixel_rows"]):
+            index, flip = int(batch["indices"][row]), bool(batch["flips"][row])
+            extra = dict(original_size=batch["original_sizes"][row], crop_top_left=batch["crops_top_left"][row])
+            self.cache.put_latents(index, flip, mean[j], std[j], **extra)
+            if others is not None:
+                self.cache.put_latents(index, not flip, others[0][j], others[1][j], **extra)
 
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """Per-caption text features, from the cache when present."""
@@ -484,7 +501,7 @@ class PreferenceTrainer:
                 acc.backward(out.loss)
             else:  # never backpropagate a NaN/inf loss into the accumulated gradients
                 self.bad_window = True
-            self.window.append({"loss": out.loss.item(), **out.metrics})
+            self.window.append({"loss": out.loss.item(), **out.metrics, **self._cache_metrics(batch)})
             if acc.sync_gradients:
                 if not self.bad_window and cfg.mixed_precision != "fp16" and not self._grads_finite():
                     self.bad_window = True
@@ -494,6 +511,12 @@ class PreferenceTrainer:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         return out
+
+    def _cache_metrics(self, batch: dict) -> dict[str, float]:
+        """``data/latent_cache_hits``: the share of the micro-batch's pairs served from the latent cache."""
+        if self.cache is None:
+            return {}
+        return {"data/latent_cache_hits": len(batch.get("latent_rows") or ()) / max(batch["size"], 1)}
 
     # ------------------------------------------------------------------ loop
     def batches(self):
