@@ -547,9 +547,11 @@ def _check_adapters(tr, compiled, eager, idx) -> dict:
 
 
 # ------------------------------------------------------------------ epoch 1 vs epoch 2 with the real loop
-def job_epochs(world: str, workdir: str, num_pairs: int, epochs: int, random_flip: bool, device: str = "cpu") -> dict:
+def job_epochs(world: str, workdir: str, num_pairs: int, epochs: int, random_flip: bool, device: str = "cpu",
+               cache_flips: str = "both") -> dict:
     """``PreferenceTrainer.train()`` itself (DataLoader, cache, logging) for ``epochs`` epochs; the wall time of
-    each epoch and its cache hits/misses. A throw-away 2-step run first warms up kernels and allocators."""
+    each epoch and its cache hits/misses. A throw-away 2-step run first warms up kernels and allocators.
+    ``cache_flips``: ``dataset.cache_flips`` (how the other flip enters the cache with ``random_flip``)."""
     from diffalign.training.config import parse_config
     from diffalign.training.trainer import PreferenceTrainer
 
@@ -569,7 +571,7 @@ def job_epochs(world: str, workdir: str, num_pairs: int, epochs: int, random_fli
             cache = workdir / f"cache-{world}-epochs-{tag}-{os.getpid()}"
             shutil.rmtree(cache, ignore_errors=True)
             cfg = ours_config(w, workdir / f"out-epochs-{tag}-{os.getpid()}", cache)
-            cfg["dataset"]["random_flip"] = random_flip
+            cfg["dataset"].update(random_flip=random_flip, cache_flips=cache_flips)
             cfg.update(max_steps=max_steps, log_every=10**6)
             tr = Timed(parse_config(cfg), w.fresh_components()).setup(overwrite=True)
             tr.stamps = []
@@ -588,7 +590,8 @@ def job_epochs(world: str, workdir: str, num_pairs: int, epochs: int, random_fli
             rows.append({"epoch": e + 1, "wall_s": end[0] - first, "median_step_s": median(step_times),
                          "latent_cache_hits": end[1] - prev[1], "latent_cache_misses": end[2] - prev[2]})
             prev = end
-        out = {"world": world, "random_flip": random_flip, "pairs": num_pairs, "batch_pairs": w.batch_pairs,
+        out = {"world": world, "random_flip": random_flip, "cache_flips": cache_flips, "pairs": num_pairs,
+               "batch_pairs": w.batch_pairs,
                "steps_per_epoch": steps_per_epoch, "epochs": rows, "loadavg": loadavg()}
         if len(rows) > 1:
             out["epoch2_vs_epoch1_speedup"] = rows[0]["wall_s"] / rows[1]["wall_s"]

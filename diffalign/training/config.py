@@ -104,11 +104,12 @@ class DataConfig:
     proportion_empty_prompts: float = field(default=0.0, metadata={"help": "Official DPO used 0.2."})
     cache_dir: str | None = field(default=None, metadata={
         "help": "Cache VAE latents + text embeddings here."})
-    cache_flips: str = field(default="encode", metadata={
-        "help": "With cache_dir and random_flip: how a pair's other flip enters the cache on its first visit, "
-                "so that every later epoch hits. encode = the VAE also encodes the mirrored images (exact; one "
-                "more VAE encode per image, once); mirror = the cached posterior mirrored along the width "
-                "(free; approximate: the VAE is not exactly flip-equivariant)."})
+    cache_flips: str = field(default="auto", metadata={
+        "help": "With cache_dir and random_flip, what a pair's first visit caches. both = the drawn flip and, "
+                "encoded from the mirrored pixels, the other one (one more VAE encode per pair, once), so every "
+                "later epoch hits; drawn = the drawn flip only (a later epoch that draws the other flip encodes "
+                "again); auto = both when the run visits a pair more than once (max_steps x batch_size x "
+                "gradient_accumulation_steps x processes > pairs), else drawn."})
     precompute_text: bool = field(default=False, metadata={
         "help": "With cache_dir: encode every caption once before training, then move the text encoders to the "
                 "CPU, so they (T5-XXL: 4.7 B parameters) take no accelerator memory during the steps."})
@@ -130,8 +131,8 @@ class DataConfig:
         _check(self.num_workers >= 0, "dataset.num_workers", f"must be >= 0, got {self.num_workers}")
         _check(self.cache_dir is None or self.center_crop, "dataset.cache_dir",
                "the latent cache needs dataset.center_crop: true (random crops cannot be cached)")
-        _check(self.cache_flips in ("encode", "mirror"), "dataset.cache_flips",
-               f"must be encode or mirror, got {self.cache_flips!r}")
+        _check(self.cache_flips in ("auto", "both", "drawn"), "dataset.cache_flips",
+               f"must be auto, both or drawn, got {self.cache_flips!r}")
         _check(not self.precompute_text or self.cache_dir is not None, "dataset.precompute_text",
                "needs dataset.cache_dir (the embeddings are kept there)")
 

@@ -289,18 +289,28 @@ class PreferenceTrainer:
                               family=c.family, resolution=d.resolution, center_crop=d.center_crop,
                               dataset=str(d.source), split=d.split, keep_ties=d.keep_ties,
                               max_samples=d.max_samples)
-            if d.cache_flips == "mirror":  # its entries differ from encoded ones (older caches hold encoded ones)
-                key_fields["flip_entries"] = "mirror"
             self.cache = EmbeddingCache(d.cache_dir, cache_key(**key_fields), meta=key_fields)
             self.dataset.latent_cache = self.cache
+            self.cache_both_flips = self._caches_both_flips()
             if d.precompute_text:
                 self._precompute_text()
+
+    def _caches_both_flips(self) -> bool:
+        """``dataset.cache_flips`` resolved: cache the other flip too when some pair is visited again."""
+        cfg, d = self.config, self.config.dataset
+        if not d.random_flip or d.cache_flips == "drawn":
+            return False
+        visits = cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation_steps * self.accelerator.num_processes
+        return d.cache_flips == "both" or visits > len(self.dataset)
 
     def data_summary(self) -> str:
         """The data part of the start-up line."""
         stats = self.dataset.stats
+        flips = ""
+        if self.cache is not None and self.config.dataset.random_flip:
+            flips = f", cache {'both flips' if self.cache_both_flips else 'the drawn flip'} per pair"
         return (f"{len(self.dataset)} pairs (ties dropped {stats.ties_dropped}, "
-                f"bad labels {stats.bad_labels_dropped})")
+                f"bad labels {stats.bad_labels_dropped}){flips}")
 
     def _dual_captions(self, params):
         from ..data.captions import WordSwap, caption_vocabulary, load_captioner
@@ -414,14 +424,9 @@ class PreferenceTrainer:
                 torch.stack([dist.std[:p], dist.std[p:]], dim=1))
 
     def _cache_posteriors(self, batch: dict, pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Store the freshly encoded pairs under their (index, flip) and, with ``random_flip``, under the other
-        flip too (``dataset.cache_flips``: the VAE posterior of the mirrored pixels, or this one mirrored), so
-        every later epoch hits whichever flip it draws."""
-        d = self.config.dataset
-        others = None
-        if d.random_flip:
-            others = (self._posterior(pixels.flip(-1)) if d.cache_flips == "encode"
-                      else (mean.flip(-1), std.flip(-1)))
+        """Store the freshly encoded pairs under their (index, flip) and, when :meth:`_caches_both_flips`, the
+        posterior of the mirrored pixels under the other flip, so every later epoch hits whichever it draws."""
+        others = self._posterior(pixels.flip(-1)) if self.cache_both_flips else None
         for j, row in enumerate(batch["pixel_rows"]):
             index, flip = int(batch["indices"][row]), bool(batch["flips"][row])
             extra = dict(original_size=batch["original_sizes"][row], crop_top_left=batch["crops_top_left"][row])

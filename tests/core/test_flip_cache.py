@@ -58,17 +58,22 @@ def test_flipped_pixels_are_the_mirror_of_the_unflipped_ones():
     assert not torch.equal(mirrored_w, plain_w)
 
 
-@pytest.mark.parametrize("mode", ["encode", "mirror"])
-def test_every_pair_hits_the_cache_after_the_first_epoch(mode, tiny_sd15_dir, tmp_path):
-    data = ramp_pairs(tmp_path / "data", n=4)
-    cfg = parse_config(base_config(tiny_sd15_dir, data, tmp_path / "run", max_steps=6, batch_size=2,
-                                   **{"dataset.random_flip": True, "dataset.cache_dir": str(tmp_path / "cache"),
+def _train(model_dir, data, out, mode, max_steps):
+    cfg = parse_config(base_config(model_dir, data, out / "run", max_steps=max_steps, batch_size=2,
+                                   **{"dataset.random_flip": True, "dataset.cache_dir": str(out / "cache"),
                                       "dataset.cache_flips": mode}))
     tr = PreferenceTrainer(cfg).setup()
     tr.train()
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    hits = [r["data/latent_cache_hits"] for r in records]
-    assert hits[:2] == [0.0, 0.0]  # epoch 1 (4 pairs, 2 per step): every pair is encoded
+    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    return tr, [r["data/latent_cache_hits"] for r in records]
+
+
+@pytest.mark.parametrize("mode", ["both", "auto"])
+def test_every_pair_hits_the_cache_after_the_first_epoch(mode, tiny_sd15_dir, tmp_path):
+    """4 pairs, 2 per step, 6 steps (3 epochs): ``auto`` caches both flips since pairs are visited again."""
+    tr, hits = _train(tiny_sd15_dir, ramp_pairs(tmp_path / "data", n=4), tmp_path, mode, max_steps=6)
+    assert tr.cache_both_flips
+    assert hits[:2] == [0.0, 0.0]  # epoch 1: every pair is encoded
     assert hits[2:] == [1.0] * 4  # epochs 2 and 3: whichever flip is drawn, it is cached
 
     tr.dataset.latent_cache = None  # decode pixels again, to encode them independently of the trainer
@@ -78,17 +83,34 @@ def test_every_pair_hits_the_cache_after_the_first_epoch(mode, tiny_sd15_dir, tm
         pixels = torch.stack([item["pixels_w"], item["pixels_l"]])
         drawn, other = tr.cache.get_latents(index, item["flip"]), tr.cache.get_latents(index, not item["flip"])
         with torch.no_grad():
-            torch.testing.assert_close(drawn["mean"], vae.encode(pixels).latent_dist.mean, atol=1e-5, rtol=1e-4)
-            encoded_mirror = vae.encode(pixels.flip(-1)).latent_dist
-        if mode == "encode":
-            torch.testing.assert_close(other["mean"], encoded_mirror.mean, atol=1e-5, rtol=1e-4)
-            torch.testing.assert_close(other["std"], encoded_mirror.std, atol=1e-5, rtol=1e-4)
-        else:
-            assert torch.equal(other["mean"], drawn["mean"].flip(-1))
-            assert torch.equal(other["std"], drawn["std"].flip(-1))
-            assert not torch.allclose(other["mean"], encoded_mirror.mean, atol=1e-4)  # the approximation is real
+            dist, mirrored = vae.encode(pixels).latent_dist, vae.encode(pixels.flip(-1)).latent_dist
+        torch.testing.assert_close(drawn["mean"], dist.mean, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(other["mean"], mirrored.mean, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(other["std"], mirrored.std, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(other["mean"], drawn["mean"].flip(-1), atol=1e-4)  # the VAE is not flip-equivariant
 
 
-def test_cache_flips_must_be_encode_or_mirror(tiny_sd15_dir, pickapic_dir, tmp_path):
-    with pytest.raises(ConfigError, match="dataset.cache_flips: must be encode or mirror, got 'both'"):
-        parse_config(base_config(tiny_sd15_dir, pickapic_dir, tmp_path, **{"dataset.cache_flips": "both"}))
+def test_drawn_caches_one_flip_and_later_epochs_miss_the_other(tiny_sd15_dir, tmp_path):
+    """8 pairs, 2 per step, 12 steps (3 epochs): only the flips drawn are cached, so a pair whose flip changes
+    from one epoch to the next is encoded again."""
+    tr, hits = _train(tiny_sd15_dir, ramp_pairs(tmp_path / "data", n=8), tmp_path, "drawn", max_steps=12)
+    assert not tr.cache_both_flips
+    drawn = set()
+    for epoch in range(3):
+        tr.dataset.epoch = epoch
+        drawn |= {(i, tr.dataset.transform.decide_flip(tr.dataset.rng(i))) for i in range(8)}
+    cached = {(i, f) for i in range(8) for f in (False, True) if tr.cache.get_latents(i, f) is not None}
+    assert cached == drawn and len(drawn) > 8  # some pair drew both flips over the 3 epochs
+    assert hits[:4] == [0.0] * 4
+    assert round(sum(2 * (1 - h) for h in hits[4:])) == len(drawn) - 8  # each later miss: a pair's other flip
+
+
+def test_auto_caches_one_flip_when_no_pair_is_visited_twice(tiny_sd15_dir, tmp_path):
+    tr, hits = _train(tiny_sd15_dir, ramp_pairs(tmp_path / "data", n=4), tmp_path, "auto", max_steps=2)
+    assert not tr.cache_both_flips and hits == [0.0, 0.0]
+    assert sum(tr.cache.get_latents(i, f) is not None for i in range(4) for f in (False, True)) == 4
+
+
+def test_cache_flips_must_be_auto_both_or_drawn(tiny_sd15_dir, pickapic_dir, tmp_path):
+    with pytest.raises(ConfigError, match="dataset.cache_flips: must be auto, both or drawn, got 'mirror'"):
+        parse_config(base_config(tiny_sd15_dir, pickapic_dir, tmp_path, **{"dataset.cache_flips": "mirror"}))
