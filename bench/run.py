@@ -6,6 +6,7 @@
     python bench/run.py --device cuda           # GPU: pairs/s, torch.cuda.max_memory_allocated, MFU
     python bench/run.py --report bench/results/full.json   # print the markdown tables of a results file
     python bench/run.py --configs sd35m --sections flow --out bench/results/sd35m-flow.json  # flow_grpo/ours
+    python bench/run.py --peers PATH/train_diffusion_dpo.py,PATH/train.py  # the real scripts, unmodified
 
 Sections (``--sections``, default all):
 
@@ -44,6 +45,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make ``bench`` and ``diffalign`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import peers
 from bench.measure import PhasePeak, loadavg, machine_info, median, ratio, run_isolated
 from bench.worlds import FLOW_WORLDS
 
@@ -123,6 +125,7 @@ def parse_args(argv=None):
     p.add_argument("--report", default=None, help="print the markdown tables of an existing results JSON and exit")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="merge results files (later files win per config/section) into --out, print the tables")
+    peers.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -680,6 +683,8 @@ def markdown(results: dict) -> str:
 # ------------------------------------------------------------------ main
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.peers or (args.report and peers.is_result(args.report)):
+        return peers.main(args, sys.argv[1:] if argv is None else list(argv))
     if args.report:
         print(markdown(json.loads(Path(args.report).read_text())))
         return {}

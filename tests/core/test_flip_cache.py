@@ -58,20 +58,24 @@ def test_flipped_pixels_are_the_mirror_of_the_unflipped_ones():
     assert not torch.equal(mirrored_w, plain_w)
 
 
-def _train(model_dir, data, out, mode, max_steps):
-    cfg = parse_config(base_config(model_dir, data, out / "run", max_steps=max_steps, batch_size=2,
+def _trainer(model_dir, data, out, mode, max_steps, batch_size=2):
+    cfg = parse_config(base_config(model_dir, data, out / "run", max_steps=max_steps, batch_size=batch_size,
                                    **{"dataset.random_flip": True, "dataset.cache_dir": str(out / "cache"),
                                       "dataset.cache_flips": mode}))
-    tr = PreferenceTrainer(cfg).setup()
+    return PreferenceTrainer(cfg).setup()
+
+
+def _train(model_dir, data, out, mode, max_steps, batch_size=2):
+    tr = _trainer(model_dir, data, out, mode, max_steps, batch_size)
     tr.train()
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     return tr, [r["data/latent_cache_hits"] for r in records]
 
 
-@pytest.mark.parametrize("mode", ["both", "auto"])
-def test_every_pair_hits_the_cache_after_the_first_epoch(mode, tiny_sd15_dir, tmp_path):
-    """4 pairs, 2 per step, 6 steps (3 epochs): ``auto`` caches both flips since pairs are visited again."""
-    tr, hits = _train(tiny_sd15_dir, ramp_pairs(tmp_path / "data", n=4), tmp_path, mode, max_steps=6)
+def test_every_pair_hits_the_cache_after_the_first_epoch(tiny_sd15_dir, tmp_path):
+    """4 pairs, 2 per step, 6 steps (3 epochs): ``auto`` (the default) caches both flips since pairs are
+    visited again."""
+    tr, hits = _train(tiny_sd15_dir, ramp_pairs(tmp_path / "data", n=4), tmp_path, "auto", max_steps=6)
     assert tr.cache_both_flips
     assert hits[:2] == [0.0, 0.0]  # epoch 1: every pair is encoded
     assert hits[2:] == [1.0] * 4  # epochs 2 and 3: whichever flip is drawn, it is cached
@@ -91,9 +95,10 @@ def test_every_pair_hits_the_cache_after_the_first_epoch(mode, tiny_sd15_dir, tm
 
 
 def test_drawn_caches_one_flip_and_later_epochs_miss_the_other(tiny_sd15_dir, tmp_path):
-    """8 pairs, 2 per step, 12 steps (3 epochs): only the flips drawn are cached, so a pair whose flip changes
+    """8 pairs, 4 per step, 6 steps (3 epochs): only the flips drawn are cached, so a pair whose flip changes
     from one epoch to the next is encoded again."""
-    tr, hits = _train(tiny_sd15_dir, ramp_pairs(tmp_path / "data", n=8), tmp_path, "drawn", max_steps=12)
+    tr, hits = _train(tiny_sd15_dir, ramp_pairs(tmp_path / "data", n=8), tmp_path, "drawn", max_steps=6,
+                      batch_size=4)
     assert not tr.cache_both_flips
     drawn = set()
     for epoch in range(3):
@@ -101,14 +106,16 @@ def test_drawn_caches_one_flip_and_later_epochs_miss_the_other(tiny_sd15_dir, tm
         drawn |= {(i, tr.dataset.transform.decide_flip(tr.dataset.rng(i))) for i in range(8)}
     cached = {(i, f) for i in range(8) for f in (False, True) if tr.cache.get_latents(i, f) is not None}
     assert cached == drawn and len(drawn) > 8  # some pair drew both flips over the 3 epochs
-    assert hits[:4] == [0.0] * 4
-    assert round(sum(2 * (1 - h) for h in hits[4:])) == len(drawn) - 8  # each later miss: a pair's other flip
+    assert hits[:2] == [0.0] * 2
+    assert round(sum(4 * (1 - h) for h in hits[2:])) == len(drawn) - 8  # each later miss: a pair's other flip
 
 
-def test_auto_caches_one_flip_when_no_pair_is_visited_twice(tiny_sd15_dir, tmp_path):
-    tr, hits = _train(tiny_sd15_dir, ramp_pairs(tmp_path / "data", n=4), tmp_path, "auto", max_steps=2)
+def test_auto_caches_one_flip_when_no_pair_is_visited_twice_and_both_always_caches_two(tiny_sd15_dir, tmp_path):
+    data = ramp_pairs(tmp_path / "data", n=4)
+    tr, hits = _train(tiny_sd15_dir, data, tmp_path / "auto", "auto", max_steps=2)  # 4 visits of 4 pairs
     assert not tr.cache_both_flips and hits == [0.0, 0.0]
     assert sum(tr.cache.get_latents(i, f) is not None for i in range(4) for f in (False, True)) == 4
+    assert _trainer(tiny_sd15_dir, data, tmp_path / "both", "both", max_steps=2).cache_both_flips
 
 
 def test_cache_flips_must_be_auto_both_or_drawn(tiny_sd15_dir, pickapic_dir, tmp_path):
