@@ -64,6 +64,7 @@ ROWS = (  # (label, run, which steps)
 )
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 WORLDS = {"sd15": 512, "toy": 32}
+PRECISIONS = {"no": "fp32", "bf16": "bf16 mixed precision (every program's --mixed_precision bf16)"}
 HITS_KEY = "data/latent_cache_hits"
 
 
@@ -189,20 +190,21 @@ def flips_changed(w: dict, seed: int = 0) -> int:
 
 
 # ------------------------------------------------------------------ the runs
-def peer_args(kind: str, w: dict, steps: int, out_dir: Path) -> tuple[list[str], list[str]]:
-    """``(launcher flags, script arguments)`` of a peer script."""
+def peer_args(kind: str, w: dict, steps: int, out_dir: Path, precision: str = "no") -> tuple[list[str], list[str]]:
+    """``(launcher flags, script arguments)`` of a peer script; ``precision``: its ``--mixed_precision``."""
     common = ["--pretrained_model_name_or_path", w["pipeline"], "--dataset_name", w["data"]]
     tail = ["--resolution", str(w["resolution"]), "--train_batch_size", "1"]
     if kind == "diffusers":  # random flip: the script's default
         return ["--stub-wandb"], common + ["--dataset_split_name", "train"] + tail + [
-            "--rank", "8", "--max_train_steps", str(steps), "--seed", "0", "--mixed_precision", "no",
+            "--rank", "8", "--max_train_steps", str(steps), "--seed", "0", "--mixed_precision", precision,
             "--checkpointing_steps", "100000", "--output_dir", str(out_dir)]
     return ["--shim-xformers"], common + tail + [
-        "--max_train_steps", str(steps), "--seed", "0", "--mixed_precision", "no", "--checkpointing_steps", "100000",
+        "--max_train_steps", str(steps), "--seed", "0", "--mixed_precision", precision,
+        "--checkpointing_steps", "100000",
         "--learning_rate", "1e-8", "--lr_warmup_steps", "0", "--no_hflip", "--output_dir", str(out_dir)]
 
 
-def diffalign_config(w: dict, out_dir: Path, cache_dir: Path, flip: bool) -> dict:
+def diffalign_config(w: dict, out_dir: Path, cache_dir: Path, flip: bool, precision: str = "no") -> dict:
     """The ``diffalign train`` config: the diffusers peer's setup (LoRA r=8 on the attention projections) for
     2 x pairs steps of 1 pair, no mid-run checkpoints or validation."""
     return {
@@ -212,7 +214,7 @@ def diffalign_config(w: dict, out_dir: Path, cache_dir: Path, flip: bool) -> dic
                     "cache_dir": str(cache_dir)},
         "objective": {"name": "dpo", "beta": 5000},
         "output_dir": str(out_dir), "max_steps": 2 * w["pairs"], "batch_size": 1,
-        "gradient_accumulation_steps": 1, "mixed_precision": "no", "seed": 0, "log_every": 1,
+        "gradient_accumulation_steps": 1, "mixed_precision": precision, "seed": 0, "log_every": 1,
         "checkpoint_every": None, "validation": {"every": None},
     }
 
@@ -380,7 +382,8 @@ def markdown(res: dict) -> str:
     load = (f"load average before {' '.join(map(str, m['loadavg_before']))}, "
             f"after {' '.join(map(str, m.get('loadavg_after') or []))}")
     world = (f"pipeline `{w['pipeline']}` ({w['pipeline_source']}), data `{w['data']}` ({w['pairs']} pairs, "
-             f"{w['resolution']} px), 1 pair per step, fp32; peers {m['peer_steps']} steps; diffalign "
+             f"{w['resolution']} px), 1 pair per step, {PRECISIONS[m.get('precision', 'no')]}; "
+             f"peers {m['peer_steps']} steps; diffalign "
              f"{2 * w['pairs']} steps (2 epochs), LoRA r=8 α=8, β=5000, SDPA, no gradient checkpointing")
     lines = [f"## Peer scripts, unmodified, against diffalign train: world `{w['world']}`", "",
              f"- command: `{m['command']}`",
@@ -428,6 +431,9 @@ def add_arguments(parser) -> None:
     g.add_argument("--peer-steps", type=int, default=None, help="peers: max_train_steps of each script "
                                                                 "(default 2 x pairs)")
     g.add_argument("--peer-timeout", type=float, default=None, help="peers: seconds allowed per run")
+    g.add_argument("--precision", default="no", choices=tuple(PRECISIONS),
+                   help="peers: mixed precision of every program (the scripts' --mixed_precision, diffalign's "
+                        "mixed_precision); default no = fp32")
 
 
 def is_result(path: str) -> bool:
@@ -460,7 +466,8 @@ def main(args, argv: list[str]) -> dict:
     res = {"kind": KIND, "meta": {
         "command": "python bench/run.py " + shlex.join(argv), "date_utc": datetime.now(timezone.utc).isoformat(
             timespec="seconds"), "cpu": cpu_info(), "threads": threads, "loadavg_before": loadavg(),
-        "versions": versions(), "peer_steps": steps, "diffalign_steps": 2 * pairs}, "scripts": scripts}
+        "versions": versions(), "peer_steps": steps, "diffalign_steps": 2 * pairs, "precision": args.precision},
+        "scripts": scripts}
     for s in scripts.values():
         print(f"{s['kind']}: {s['path']} sha256 {s['sha256'][:12]} ({s['upstream']})", flush=True)
     try:
@@ -481,11 +488,12 @@ def main(args, argv: list[str]) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
         if name in PEERS:
-            launcher, rest = peer_args(name, w, steps, run_dir / "output")
+            launcher, rest = peer_args(name, w, steps, run_dir / "output", args.precision)
             rest = [scripts[name]["path"]] + rest
             requested = steps
         else:
-            cfg = diffalign_config(w, run_dir / "output", run_dir / "cache", flip=name == "diffalign_flip")
+            cfg = diffalign_config(w, run_dir / "output", run_dir / "cache", flip=name == "diffalign_flip",
+                                   precision=args.precision)
             (run_dir / "config.yaml").write_text(json.dumps(cfg, indent=2))  # JSON is YAML
             launcher, rest = ["--module", "diffalign.cli"], ["train", str(run_dir / "config.yaml")]
             requested = 2 * pairs
