@@ -97,8 +97,8 @@ def measure_world(name: str, workdir: Path, pairs: int, reps: int, epochs: int) 
 
 
 def markdown(results: dict) -> str:
-    lines = ["| world | VAE | px | images | ‖flip(μ) − μ'‖ / ‖μ'‖ | mean |flip(μ) − μ'| / σ' | ‖flip(σ) − σ'‖ / ‖σ'‖ "
-             "| VAE encode of a pair, s |", "|---|---|---|---|---|---|---|---|"]
+    lines = [("| world | VAE | px | images | ‖flip(μ) − μ'‖ / ‖μ'‖ | mean of abs(flip(μ) − μ') / σ' "
+              "| ‖flip(σ) − σ'‖ / ‖σ'‖ | VAE encode of a pair, s |"), "|---|---|---|---|---|---|---|---|"]
     for r in results["worlds"]:
         e = r["mirror_error"]
         lines.append(f"| {r['world']} | {r['vae']} | {r['resolution']} | {e['images']} | {e['mean_rel_l2']:.4f} | "

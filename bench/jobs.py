@@ -362,8 +362,8 @@ class Bf16Ablation(Ablation):
 
 
 class FusedReferenceAblation(Ablation):
-    name, on_label, off_label, default = ("fused_reference", "policy + reference in one 4B call (per-sample LoRA "
-                                          "scale)", "policy 2B call + reference 2B call", "off")
+    name, default = "fused_reference", "off"
+    on_label, off_label = "policy + reference in one 4B call (per-sample LoRA scale)", "2B policy + 2B reference calls"
 
     def set(self, ours, on):
         from diffalign.models import AdapterDisabledReference, UNetDenoiser
@@ -384,11 +384,24 @@ class Bf16ChannelsLastAblation(Ablation):
         Bf16Ablation().set(ours, on)
 
 
+class ThreadsAblation(Ablation):
+    """Intra-op threads of the process (``torch.set_num_threads``): 2 against 1; the job's own count after."""
+
+    name, on_label, off_label, default = "two_threads", "2 threads", "1 thread", "job's --threads"
+
+    def set(self, ours, on):
+        self.job_threads = getattr(self, "job_threads", torch.get_num_threads())
+        torch.set_num_threads(2 if on else 1)
+
+    def restore(self, ours):
+        torch.set_num_threads(self.job_threads)
+
+
 # Cheap and safe first; the frozen copy (+1 U-Net), math attention (+the 4096x4096 attention matrices) and bf16
 # (slow without native bf16 kernels) last, so a job killed for memory or time keeps the earlier rows.
 ABLATIONS = {a.name: a for a in (BatchingAblation, InferenceModeAblation, CheckpointingAblation, ChannelsLastAblation,
                                  CacheAblation, ReferenceAblation, AttentionAblation, Bf16Ablation,
-                                 Bf16ChannelsLastAblation, FusedReferenceAblation)}
+                                 Bf16ChannelsLastAblation, FusedReferenceAblation, ThreadsAblation)}
 
 
 def job_ablations(world: str, workdir: str, num_pairs: int, names: list[str], reps: int, warmup: int = 1,

@@ -431,6 +431,7 @@ def add_arguments(parser) -> None:
     g.add_argument("--peer-steps", type=int, default=None, help="peers: max_train_steps of each script "
                                                                 "(default 2 x pairs)")
     g.add_argument("--peer-timeout", type=float, default=None, help="peers: seconds allowed per run")
+    g.add_argument("--no-flip-run", action="store_true", help="peers: skip the diffalign run with random_flip")
     g.add_argument("--precision", default="no", choices=tuple(PRECISIONS),
                    help="peers: mixed precision of every program (the scripts' --mixed_precision, diffalign's "
                         "mixed_precision); default no = fp32")
@@ -482,7 +483,7 @@ def main(args, argv: list[str]) -> dict:
     res["runs"] = {}
     print(f"peers on {args.world}: threads {threads}, load {loadavg()}", flush=True)
     for name in RUNS:
-        if name in PEERS and name not in scripts:
+        if (name in PEERS and name not in scripts) or (name == "diffalign_flip" and args.no_flip_run):
             continue
         run_dir = root / "runs" / name
         shutil.rmtree(run_dir, ignore_errors=True)
