@@ -48,3 +48,18 @@ def test_fused_reference_gives_the_policy_and_adapters_off_outputs_and_the_same_
     torch.testing.assert_close(ref_b, ref_a, atol=1e-5, rtol=1e-4)
     for ga, gb in zip(grads_a, grads_b):
         torch.testing.assert_close(gb, ga, atol=1e-5, rtol=1e-4)
+
+
+def test_flips_bench_measures_the_mirror_error_of_the_toy_vae(tmp_path):
+    """``bench/flips.py``: the mirrored posterior is not the posterior of the mirrored image on the trained toy
+    VAE (so the cache encodes the other flip), and a pair's encode time is measured."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from bench import flips
+
+    res = flips.main(["--worlds", "toy", "--pairs", "2", "--reps", "1", "--epochs", "0",
+                      "--workdir", str(tmp_path), "--out", str(tmp_path / "flips.json")])
+    (world,) = res["worlds"]
+    err = world["mirror_error"]
+    assert err["images"] == 4 and err["mean_rel_l2"] > 0.05 and err["std_rel_l2"] > 0
+    assert world["vae_encode_pair_s"] > 0 and "epochs" not in world
