@@ -37,29 +37,8 @@ import time
 import traceback
 from pathlib import Path
 
-GIB = 2**30
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _mem_available_gib() -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 / GIB
-    except OSError:
-        return None
-    return None
+from bench.measure import GIB, mem_available_gib
+from bench.measure import _status_kib as status_kib
 
 
 class Record:
@@ -86,10 +65,10 @@ class Record:
             d = self.data
             d["wall_s"] = time.perf_counter() - d["start"][0]
             d["cpu_s"] = time.process_time() - d["start"][1]
-            hwm = _status_kib("VmHWM")
+            hwm = status_kib("VmHWM")
             d["peak_rss_gib"] = None if hwm is None else hwm * 1024 / GIB
             d["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-            d["os_threads_end"] = _status_kib("Threads")  # /proc/self/status Threads: not KiB, a count
+            d["os_threads_end"] = status_kib("Threads")  # /proc/self/status Threads: not KiB, a count
             torch = sys.modules.get("torch")
             d["torch_threads"] = torch.get_num_threads() if torch is not None else None
             d["num_steps"] = len(d["steps"])
@@ -149,7 +128,7 @@ def memory_guard(record: Record, min_available_gib: float, interval_s: float = 0
     def watch():
         while True:
             time.sleep(interval_s)
-            avail = _mem_available_gib()
+            avail = mem_available_gib()
             if avail is not None and avail < min_available_gib:
                 record.data.update(status="killed", exit_code=137, error=(
                     f"memory guard: MemAvailable {avail:.2f} GiB < {min_available_gib} GiB; peak RSS so far is a "

@@ -2,8 +2,9 @@
 
 Keyed by everything that changes the cached values: model source/revision/VAE, resolution, crop and the family.
 A pair's entry is stored per (dataset index, flip), holding the VAE posterior ``mean`` and ``std`` of winner and
-loser (with ``random_flip`` the trainer may store both flips on a pair's first visit: ``dataset.cache_flips``); the trainer draws ``z = mean + std · ξ`` from its own generator, exactly what ``latent_dist.sample()`` does
-without a cache, so cached and uncached runs see the same distribution. Text entries are keyed by the prompt's
+loser (with ``random_flip`` the trainer may store both flips on a pair's first visit: ``dataset.cache_flips``); the
+trainer draws ``z = mean + std · ξ`` from its own generator, exactly what ``latent_dist.sample()`` does without a
+cache, so cached and uncached runs see the same distribution. Text entries are keyed by the prompt's
 SHA-1. Every file is written to a temporary name and renamed, so a crash never leaves a torn entry.
 """
 

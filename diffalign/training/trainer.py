@@ -429,7 +429,7 @@ class PreferenceTrainer:
         others = self._posterior(pixels.flip(-1)) if self.cache_both_flips else None
         for j, row in enumerate(batch["pixel_rows"]):
             index, flip = int(batch["indices"][row]), bool(batch["flips"][row])
-            extra = dict(original_size=batch["original_sizes"][row], crop_top_left=batch["crops_top_left"][row])
+            extra = {"original_size": batch["original_sizes"][row], "crop_top_left": batch["crops_top_left"][row]}
             self.cache.put_latents(index, flip, mean[j], std[j], **extra)
             if others is not None:
                 self.cache.put_latents(index, not flip, others[0][j], others[1][j], **extra)

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from fixtures.data import base_config
+
 from diffalign.data.images import PairTransform
 from diffalign.training.config import ConfigError, parse_config
 from diffalign.training.trainer import PreferenceTrainer
@@ -51,7 +51,7 @@ def test_flipped_pixels_are_the_mirror_of_the_unflipped_ones():
 
     img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 52, 3), dtype=np.uint8))
     tf = PairTransform(resolution=32, center_crop=True, random_flip=True)
-    plain_w, plain_l, *_, flip_a = tf(img, img, _Draw(0.9))
+    plain_w, _, *_, flip_a = tf(img, img, _Draw(0.9))
     mirrored_w, _, *_, flip_b = tf(img, img, _Draw(0.1))
     assert (flip_a, flip_b) == (False, True)
     assert torch.equal(mirrored_w, plain_w.flip(-1))
