@@ -1,7 +1,7 @@
 """The peer harness: the real diffusers and official Diffusion-DPO training scripts, unmodified, against
 ``diffalign train`` on the same pipeline folder, data, resolution, batch, seed and thread count.
 
-    python bench/run.py --peers PATH/train_diffusion_dpo.py,PATH/train.py [--world sd15|toy] [--pairs 4]
+    python bench/run.py --peers PATH/train_diffusion_dpo.py,PATH/train.py [--world sd15|toy] [--pairs 6]
         [--peer-steps S] [--threads 2] [--workdir /tmp/diffalign-bench] [--out bench/results/peers-<world>.json]
     python bench/run.py --report bench/results/peers-sd15.json      # print the table again
 
@@ -427,9 +427,10 @@ def add_arguments(parser) -> None:
                    help="comma list of the diffusers train_diffusion_dpo.py and/or the official DiffusionDPO "
                         "train.py: run unmodified against diffalign train (--threads defaults to 2 here)")
     g.add_argument("--world", default="sd15", choices=tuple(WORLDS), help="peers: the pipeline (default sd15)")
-    g.add_argument("--pairs", type=int, default=4, help="peers: pairs in the data; diffalign trains 2 x pairs steps")
+    g.add_argument("--pairs", type=int, default=6, help="peers: pairs in the data; diffalign trains 2 x pairs steps "
+                                                      "(6: with seed 0, 2 pairs change flip in epoch 2)")
     g.add_argument("--peer-steps", type=int, default=None, help="peers: max_train_steps of each script "
-                                                                "(default 2 x pairs)")
+                                                                "(default: pairs)")
     g.add_argument("--peer-timeout", type=float, default=None, help="peers: seconds allowed per run")
     g.add_argument("--no-flip-run", action="store_true", help="peers: skip the diffalign run with random_flip")
     g.add_argument("--precision", default="no", choices=tuple(PRECISIONS),
@@ -462,7 +463,7 @@ def main(args, argv: list[str]) -> dict:
     if args.pairs < 2:
         raise SystemExit(f"bench: --pairs must be >= 2 (epoch 1 needs an interval), got {args.pairs}")
     pairs, workdir = args.pairs, Path(args.workdir)
-    steps = args.peer_steps or 2 * pairs
+    steps = args.peer_steps or pairs
     out_path = Path(args.out) if args.out else ROOT / "bench" / "results" / f"peers-{args.world}.json"
     res = {"kind": KIND, "meta": {
         "command": "python bench/run.py " + shlex.join(argv), "date_utc": datetime.now(timezone.utc).isoformat(
